@@ -1,0 +1,3 @@
+"""The MechaMental Workspace Sync Gateway."""
+
+__version__ = "0.1.0"

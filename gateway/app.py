@@ -1,0 +1,125 @@
+"""``create_app(settings)``: routes and lifecycles, nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway.auth import TokenVerifier
+from gateway.broker import Broker, broker_for
+from gateway.clock import Clock, SystemClock
+from gateway.config import Settings
+from gateway.core import Gateway
+from gateway.handlers import health, rest, sse
+from gateway.handlers.common import GATEWAY
+from gateway.handlers.errors import error_middleware
+from gateway.hub import Hub
+from gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+WORKSPACE = "/v1/orgs/{org_id}/workspaces/{workspace_id}"
+
+
+def create_app(
+    settings: Settings, *, clock: Clock | None = None, broker: Broker | None = None
+) -> web.Application:
+    """The gateway as an aiohttp application. ``clock`` and ``broker`` are for tests."""
+    clock = clock or SystemClock()
+    broker = broker or broker_for(
+        settings.redis_url,
+        node_id=settings.node_id,
+        clock=clock,
+        history_max_len=settings.history_max_len,
+        history_max_age=settings.history_max_age,
+        node_timeout=settings.node_timeout,
+        disconnect_grace=settings.disconnect_grace,
+    )
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=settings.max_event_bytes + 4096
+    )
+    app[GATEWAY] = Gateway(
+        settings=settings,
+        clock=clock,
+        broker=broker,
+        hub=Hub(broker),
+        verifier=TokenVerifier(settings, clock.now),
+        metrics=Metrics(),
+    )
+    app.add_routes(
+        [
+            web.get(f"{WORKSPACE}/sync/stream", sse.stream),
+            web.post(f"{WORKSPACE}/sync/presence/join", rest.join),
+            web.post(f"{WORKSPACE}/sync/presence/leave", rest.leave),
+            web.post(f"{WORKSPACE}/sync/presence/viewing", rest.viewing),
+            web.get(f"{WORKSPACE}/sync/presence", rest.presence),
+            web.post(f"{WORKSPACE}/sync/events", rest.publish),
+            web.post(f"{WORKSPACE}/sync/tickets", rest.ticket),
+            web.get("/healthz", health.healthz),
+            web.get("/readyz", health.readyz),
+            web.get("/metrics", health.metrics),
+        ]
+    )
+    app.cleanup_ctx.extend([_backend, _sweeper, _feed_janitor])
+    app.on_shutdown.append(_drain)
+    return app
+
+
+async def _backend(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY]
+    await gateway.broker.start()
+    yield
+    await gateway.hub.close()
+    await gateway.broker.close()
+
+
+async def _sweeper(app: web.Application) -> AsyncIterator[None]:
+    """Expire REST sessions whose time is up (on the gateway's clock)."""
+    gateway = app[GATEWAY]
+
+    async def loop() -> None:
+        failing = False
+        while True:
+            await gateway.clock.sleep_until(gateway.clock.now() + gateway.settings.sweep_interval)
+            try:
+                await gateway.broker.sweep()
+                if failing:
+                    log.info("presence sweep recovered")
+                failing = False
+            except Exception:
+                if not failing:
+                    log.exception("presence sweep failed; will retry")
+                failing = True
+
+    task = asyncio.create_task(loop(), name="presence sweeper")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _feed_janitor(app: web.Application) -> AsyncIterator[None]:
+    """Stop following workspaces nobody on this node has followed for a while."""
+    hub = app[GATEWAY].hub
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(10)
+            await hub.reap_idle()
+
+    task = asyncio.create_task(loop(), name="feed janitor")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _drain(app: web.Application) -> None:
+    """On shutdown: not ready any more; every stream is handed back with a reconnect hint."""
+    gateway = app[GATEWAY]
+    gateway.draining = True
+    gateway.hub.close_all("drain")

@@ -1,0 +1,189 @@
+"""JWT verification, workspace/permission rules, and single-use stream tickets.
+
+Checks run in the reference's order: a token that cannot be verified is 401; a
+token of another organization is 404 ``organization``; a workspace the token
+does not grant is 404 ``workspace`` (existence is never leaked); a missing
+permission is 403 with ``required_permission``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import jwt
+
+from gateway.config import Settings
+from protocol.envelope import WorkspaceKey
+from protocol.errors import ApiError, authentication_failed, forbidden, not_found
+
+SYNC_READ: Final = "sync:read"
+PRESENCE_WRITE: Final = "presence:write"
+EVENTS_PUBLISH: Final = "events:publish"
+ALL_PERMISSIONS: Final = (SYNC_READ, PRESENCE_WRITE, EVENTS_PUBLISH)
+
+# Display data copied from the token into presence and event actors.
+DISPLAY_CLAIMS: Final = ("name", "email", "avatar_url")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is calling, as the verified token says."""
+
+    user_id: str
+    org_id: str
+    workspaces: frozenset[str] | None  # None: every workspace of the org ("*")
+    permissions: frozenset[str]
+    display: tuple[tuple[str, str], ...]
+    kind: str  # "user" or "service"
+    expires_at: float
+
+    @property
+    def actor(self) -> dict[str, Any]:
+        return {"type": self.kind, "id": self.user_id, **dict(self.display)}
+
+    def authorize(self, workspace: WorkspaceKey, permission: str) -> None:
+        """Raise the reference's 404/403 unless this identity may do ``permission`` there."""
+        if workspace.org_id != self.org_id:
+            raise not_found("organization", workspace.org_id)
+        if self.workspaces is not None and workspace.workspace_id not in self.workspaces:
+            raise not_found("workspace", workspace.workspace_id)
+        if permission not in self.permissions:
+            raise forbidden(permission)
+
+
+def _strings(value: Any) -> frozenset[str] | None:
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return frozenset(value)
+    return None
+
+
+def identity_from_claims(claims: dict[str, Any]) -> Identity:
+    """Validate the claim types; raises 401 for a token that lacks or garbles them."""
+    sub, org_id = claims.get("sub"), claims.get("org_id")
+    if not isinstance(sub, str) or not sub or not isinstance(org_id, str) or not org_id:
+        raise authentication_failed()
+    raw_workspaces = claims.get("workspaces")
+    if raw_workspaces == "*":
+        workspaces = None
+    else:
+        workspaces = _strings(raw_workspaces)
+        if workspaces is None:
+            raise authentication_failed()
+    permissions = _strings(claims.get("permissions", []))
+    if permissions is None:
+        raise authentication_failed()
+    kind = claims.get("kind", "user")
+    if kind not in ("user", "service"):
+        raise authentication_failed()
+    display = tuple(
+        (name, claims[name]) for name in DISPLAY_CLAIMS if isinstance(claims.get(name), str)
+    )
+    return Identity(sub, org_id, workspaces, permissions, display, kind, float(claims["exp"]))
+
+
+class TokenVerifier:
+    """Verifies bearer JWTs with one pinned algorithm and key; never trusts the header's ``alg``."""
+
+    def __init__(self, settings: Settings, clock_now: Any = time.time) -> None:
+        self._algorithm = settings.jwt_algorithm
+        if settings.jwt_algorithm == "HS256":
+            if not settings.jwt_secret:
+                raise ValueError("HS256 needs a secret")
+            self._key: Any = settings.jwt_secret
+        else:
+            if not settings.jwt_public_key_file:
+                raise ValueError(f"{settings.jwt_algorithm} needs a public key file")
+            self._key = Path(settings.jwt_public_key_file).read_text()
+        self._audience = settings.jwt_audience
+        self._issuer = settings.jwt_issuer
+        self._leeway = settings.jwt_leeway
+        self._now = clock_now
+
+    def verify(self, token: str) -> Identity:
+        """The identity of a valid token; raises 401 ``ApiError`` for anything else."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=[self._algorithm],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={
+                    "require": ["exp", "sub"],
+                    "verify_aud": self._audience is not None,
+                    # Time claims are checked below against the gateway's clock.
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
+            )
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            raise authentication_failed() from exc
+        now = self._now()
+        exp, nbf = claims.get("exp"), claims.get("nbf")
+        if not isinstance(exp, (int, float)) or now > exp + self._leeway:
+            raise authentication_failed()
+        if nbf is not None and (not isinstance(nbf, (int, float)) or now + self._leeway < nbf):
+            raise authentication_failed()
+        return identity_from_claims(claims)
+
+
+def bearer_token(header: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header; 401 when absent or malformed."""
+    if not header:
+        raise authentication_failed()
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise authentication_failed()
+    return token.strip()
+
+
+def mint_token(
+    secret: str,
+    *,
+    sub: str,
+    org_id: str,
+    workspaces: Iterable[str] | str,
+    permissions: Iterable[str] = ALL_PERMISSIONS,
+    ttl: float = 3600,
+    now: float | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """An HS256 token with the gateway's claims (for the ``token`` command and tests)."""
+    issued = int(time.time() if now is None else now)
+    claims: dict[str, Any] = {
+        "sub": sub,
+        "org_id": org_id,
+        "workspaces": workspaces if isinstance(workspaces, str) else list(workspaces),
+        "permissions": list(permissions),
+        "iat": issued,
+        "exp": issued + int(ttl),
+        **(extra or {}),
+    }
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def new_ticket() -> str:
+    """An unguessable single-use stream ticket id."""
+    return secrets.token_urlsafe(32)
+
+
+__all__ = [
+    "ALL_PERMISSIONS",
+    "ApiError",
+    "EVENTS_PUBLISH",
+    "Identity",
+    "PRESENCE_WRITE",
+    "SYNC_READ",
+    "TokenVerifier",
+    "bearer_token",
+    "identity_from_claims",
+    "mint_token",
+    "new_ticket",
+]

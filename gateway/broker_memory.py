@@ -1,0 +1,179 @@
+"""The embedded single-node backend: workspace logs and presence records in process."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.broker import HistoryGone, PresenceOutcome, Snapshot
+from gateway.clock import Clock, SystemClock
+from gateway.presence import PendingEvent, PresenceChange, UserRecord, prune, transition
+from protocol.envelope import ZERO, EntryId, Envelope, EventId, WorkspaceKey
+from protocol.errors import format_timestamp
+
+
+@dataclass(slots=True)
+class _Log:
+    entries: deque[tuple[EntryId, Envelope]] = field(default_factory=deque)
+    last: EntryId = ZERO
+    # Highest entry id removed by retention (ZERO: nothing removed yet).
+    trimmed_through: EntryId = ZERO
+    appended: asyncio.Event = field(default_factory=asyncio.Event)
+    records: dict[str, UserRecord] = field(default_factory=dict)
+
+
+class MemoryBroker:
+    """Everything in one process. Its epoch is new on every start, so ids handed out by a
+    previous process are answered with ``sync.reset`` rather than a silent gap."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str = "memory",
+        clock: Clock | None = None,
+        history_max_len: int = 10_000,
+        history_max_age: float = 86_400.0,
+        **_: Any,
+    ) -> None:
+        self.node_id = node_id
+        self.epoch = secrets.token_hex(4)
+        self._clock = clock or SystemClock()
+        self._max_len = history_max_len
+        self._max_age_ms = int(history_max_age * 1000)
+        self._logs: dict[WorkspaceKey, _Log] = {}
+        self._tickets: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    def _log(self, workspace: WorkspaceKey) -> _Log:
+        log = self._logs.get(workspace)
+        if log is None:
+            log = self._logs[workspace] = _Log()
+        return log
+
+    def _position(self, log: _Log) -> EventId:
+        return EventId(self.epoch, log.last)
+
+    def _append(self, workspace: WorkspaceKey, log: _Log, pending: PendingEvent) -> Envelope:
+        now = self._clock.now()
+        ms = int(now * 1000)
+        entry = EntryId(ms, 0) if ms > log.last.ms else EntryId(log.last.ms, log.last.seq + 1)
+        envelope = Envelope(
+            id=str(EventId(self.epoch, entry)),
+            type=pending.type,
+            org_id=workspace.org_id,
+            workspace_id=workspace.workspace_id,
+            actor=pending.actor,
+            data=pending.data,
+            timestamp=format_timestamp(datetime.fromtimestamp(now, UTC)),
+        )
+        log.entries.append((entry, envelope))
+        log.last = entry
+        self._trim(log, ms)
+        log.appended.set()
+        log.appended = asyncio.Event()
+        return envelope
+
+    def _trim(self, log: _Log, now_ms: int) -> None:
+        oldest_kept = now_ms - self._max_age_ms
+        while log.entries and (
+            len(log.entries) > self._max_len or log.entries[0][0].ms < oldest_kept
+        ):
+            log.trimmed_through = log.entries.popleft()[0]
+
+    async def append(
+        self, workspace: WorkspaceKey, event_type: str, actor: dict[str, Any], data: dict[str, Any]
+    ) -> Envelope:
+        return self._append(workspace, self._log(workspace), PendingEvent(event_type, actor, data))
+
+    async def change_presence(
+        self, workspace: WorkspaceKey, user_id: str, change: PresenceChange
+    ) -> PresenceOutcome:
+        # No await between read and write: atomic on the event loop.
+        log = self._log(workspace)
+        before = log.records.get(user_id)
+        after = change.apply(before, self._clock.now())
+        if after is None:
+            log.records.pop(user_id, None)
+        else:
+            log.records[user_id] = after
+        events = tuple(
+            self._append(workspace, log, pending)
+            for pending in transition(before, after, change.reason)
+        )
+        return PresenceOutcome(after, events)
+
+    async def presence_snapshot(self, workspace: WorkspaceKey) -> Snapshot:
+        log = self._log(workspace)
+        members = {}
+        for user_id, record in log.records.items():
+            member = record.member()
+            if member is not None:
+                members[user_id] = member
+        return Snapshot(members, self._position(log))
+
+    def _after(self, log: _Log, after: EventId) -> list[Envelope]:
+        if after.epoch != self.epoch or after.entry > log.last:
+            raise HistoryGone(str(after))
+        if after.entry < log.trimmed_through:
+            raise HistoryGone(str(after))
+        if self._max_age_ms and log.entries:
+            self._trim(log, int(self._clock.now() * 1000))
+            if after.entry < log.trimmed_through:
+                raise HistoryGone(str(after))
+        newer = []
+        for entry, envelope in reversed(log.entries):  # O(new events), not O(history)
+            if entry <= after.entry:
+                break
+            newer.append(envelope)
+        newer.reverse()
+        return newer
+
+    async def read_after(self, workspace: WorkspaceKey, after: EventId) -> list[Envelope]:
+        return self._after(self._log(workspace), after)
+
+    async def tail(self, workspace: WorkspaceKey, after: EventId) -> AsyncIterator[list[Envelope]]:
+        log = self._log(workspace)
+        while True:
+            appended = log.appended
+            batch = self._after(log, after) if log.last > after.entry else []
+            if batch:
+                after = EventId.parse(batch[-1].id)
+                yield batch
+            else:
+                await appended.wait()
+
+    async def sweep(self) -> int:
+        now = self._clock.now()
+        changed = 0
+        for workspace, log in list(self._logs.items()):
+            for user_id, record in list(log.records.items()):
+                expiry = record.next_expiry()
+                if expiry is not None and expiry <= now:
+                    await self.change_presence(workspace, user_id, prune())
+                    changed += 1
+        return changed
+
+    async def put_ticket(self, ticket: str, payload: dict[str, Any], ttl: float) -> None:
+        now = self._clock.now()
+        while self._tickets and next(iter(self._tickets.values()))[0] <= now:
+            self._tickets.popitem(last=False)
+        self._tickets[ticket] = (now + ttl, payload)
+
+    async def take_ticket(self, ticket: str) -> dict[str, Any] | None:
+        item = self._tickets.pop(ticket, None)
+        if item is None or item[0] <= self._clock.now():
+            return None
+        return item[1]

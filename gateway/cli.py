@@ -1,0 +1,127 @@
+"""``sync-gateway serve | token | tail`` (also ``python -m gateway``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from gateway import logs
+from gateway.auth import ALL_PERMISSIONS, mint_token
+from gateway.config import Settings, add_settings_arguments, settings_from
+
+log = logging.getLogger("gateway")
+
+DEV_ORG = "demo"
+DEV_WORKSPACE = "lobby"
+
+
+def _dev_banner(settings: Settings) -> str:
+    assert settings.jwt_secret is not None
+    token = mint_token(settings.jwt_secret, sub="dev-user", org_id=DEV_ORG, workspaces="*",
+                       ttl=12 * 3600, extra={"name": "Dev User"})
+    base = f"http://{settings.host}:{settings.port}/v1/orgs/{DEV_ORG}/workspaces/{DEV_WORKSPACE}/sync"
+    return "\n".join([
+        "",
+        "=" * 78,
+        "  DEV MODE: no --jwt-secret or --jwt-public-key-file was given.",
+        "  Tokens are signed with a random secret made for this run. NOT FOR PRODUCTION.",
+        "=" * 78,
+        f"  secret (for `sync-gateway token --jwt-secret ...`): {settings.jwt_secret}",
+        "  a ready token (user dev-user, org demo, every workspace, 12 h):",
+        "",
+        f"export TOKEN={token}",
+        "",
+        "  try, in another terminal:",
+        f"  curl -N -H \"Authorization: Bearer $TOKEN\" {base}/stream",
+        f"  curl -X POST -H \"Authorization: Bearer $TOKEN\" {base}/presence/join",
+        f"  curl -X POST -H \"Authorization: Bearer $TOKEN\" "
+        f"'{base}/presence/viewing?resource_type=document&resource_id=doc-1'",
+        f"  curl -H \"Authorization: Bearer $TOKEN\" {base}/presence",
+        f"  curl -X POST -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' "
+        f"-d '{{\"type\":\"doc.updated\",\"data\":{{\"id\":\"doc-1\"}}}}' {base}/events",
+        "=" * 78,
+        "",
+    ])
+
+
+def serve(settings: Settings) -> int:
+    from gateway.app import create_app
+
+    logs.configure(settings.log_level, settings.log_format)
+    if not settings.has_verification_key:
+        settings = settings.with_dev_secret()
+        print(_dev_banner(settings), file=sys.stderr, flush=True)
+        log.warning("running in DEV MODE with a random secret")
+    log.info(
+        "starting gateway",
+        extra={"node_id": settings.node_id, "host": settings.host, "port": settings.port,
+               "backend": "redis" if settings.redis_url else "memory"},
+    )
+    app = create_app(settings)
+    from gateway.logs import AccessLogger
+
+    web.run_app(
+        app, host=settings.host, port=settings.port, access_log_class=AccessLogger,
+        print=lambda *_: log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}"}),
+        shutdown_timeout=5.0, handle_signals=True,
+    )
+    return 0
+
+
+def token(args: argparse.Namespace) -> int:
+    secret = args.jwt_secret or os.environ.get("GATEWAY_JWT_SECRET")
+    if not secret:
+        print("token: needs --jwt-secret or GATEWAY_JWT_SECRET (the serve secret)", file=sys.stderr)
+        return 2
+    workspaces: list[str] | str = "*" if args.workspace == ["*"] else args.workspace
+    extra = {"name": args.name} if args.name else {}
+    if args.service:
+        extra["kind"] = "service"
+    print(mint_token(secret, sub=args.sub, org_id=args.org, workspaces=workspaces,
+                     permissions=args.permission or ALL_PERMISSIONS, ttl=args.ttl, extra=extra))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sync-gateway", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_parser = commands.add_parser("serve", help="run a gateway node")
+    add_settings_arguments(serve_parser)
+
+    token_parser = commands.add_parser("token", help="print a signed JWT (HS256)")
+    token_parser.add_argument("--sub", required=True, help="user (or service) id")
+    token_parser.add_argument("--org", required=True)
+    token_parser.add_argument("--workspace", action="append", required=True,
+                              help="a workspace id (repeat), or * for all")
+    token_parser.add_argument("--permission", action="append",
+                              help=f"repeat; default: {' '.join(ALL_PERMISSIONS)}")
+    token_parser.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
+    token_parser.add_argument("--name", help="display name copied into presence")
+    token_parser.add_argument("--service", action="store_true", help="a backend service token")
+    token_parser.add_argument("--jwt-secret", help="(env GATEWAY_JWT_SECRET)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        try:
+            settings = settings_from(args)
+        except ValueError as exc:
+            print(f"serve: {exc}", file=sys.stderr)
+            return 2
+        return serve(settings)
+    if args.command == "token":
+        return token(args)
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

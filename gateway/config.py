@@ -1,0 +1,128 @@
+"""One ``Settings`` object, built from command-line flags and ``GATEWAY_<NAME>`` variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+ALGORITHMS = ("HS256", "RS256", "ES256")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    redis_url: str | None = None
+    node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{secrets.token_hex(3)}")
+    jwt_secret: str | None = None
+    jwt_public_key_file: str | None = None
+    jwt_algorithm: str = "HS256"
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway: float = 10.0
+    allowed_origins: tuple[str, ...] = ()
+    presence_ttl: float = 60.0
+    disconnect_grace: float = 10.0
+    node_timeout: float = 15.0
+    history_max_len: int = 10_000
+    history_max_age: float = 86_400.0
+    keepalive: float = 15.0
+    retry_ms: int = 3_000
+    ticket_ttl: float = 30.0
+    max_event_bytes: int = 65_536
+    send_buffer: int = 1_024
+    sweep_interval: float = 1.0
+    log_format: str = "json"
+    log_level: str = "INFO"
+    # Set by ``serve`` when no secret or key is configured: tokens are minted with a
+    # random secret printed at start-up. Never silently open.
+    dev_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if self.jwt_algorithm not in ALGORITHMS:
+            raise ValueError(f"jwt_algorithm must be one of {', '.join(ALGORITHMS)}")
+        if self.jwt_algorithm == "HS256" and self.jwt_public_key_file:
+            raise ValueError("HS256 takes --jwt-secret, not a public key")
+        if self.jwt_algorithm != "HS256" and self.jwt_secret:
+            raise ValueError(f"{self.jwt_algorithm} takes --jwt-public-key-file, not a secret")
+        for name in ("presence_ttl", "disconnect_grace", "node_timeout", "keepalive",
+                     "ticket_ttl", "sweep_interval", "history_max_age"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        for name in ("history_max_len", "max_event_bytes", "send_buffer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+    @property
+    def has_verification_key(self) -> bool:
+        return bool(self.jwt_secret or self.jwt_public_key_file)
+
+    def with_dev_secret(self) -> Settings:
+        """These settings in dev mode: a fresh random HS256 secret."""
+        return replace(self, jwt_secret=secrets.token_urlsafe(32), jwt_algorithm="HS256",
+                       dev_mode=True)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_origins(text: str) -> tuple[str, ...]:
+    return tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
+
+
+_CONVERTERS: dict[str, Any] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "str | None": str,
+    "tuple[str, ...]": _parse_origins,
+}
+
+# Settings that are not operator-facing flags.
+_INTERNAL = frozenset({"dev_mode"})
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; its default comes from ``GATEWAY_<NAME>`` or the dataclass."""
+    for item in fields(Settings):
+        if item.name in _INTERNAL:
+            continue
+        parser.add_argument(
+            _flag(item.name),
+            dest=item.name,
+            type=_CONVERTERS[str(item.type)],
+            default=None,
+            metavar=item.name.upper(),
+            help=f"(env GATEWAY_{item.name.upper()})",
+        )
+
+
+def settings_from(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Flags win over environment variables, which win over defaults."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for item in fields(Settings):
+        if item.name in _INTERNAL:
+            continue
+        flag_value = getattr(args, item.name, None) if args is not None else None
+        if flag_value is not None:
+            values[item.name] = flag_value
+            continue
+        env_value = environ.get(f"GATEWAY_{item.name.upper()}")
+        if env_value not in (None, ""):
+            values[item.name] = _CONVERTERS[str(item.type)](env_value)
+    return Settings(**values)
+
+
+def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    return settings_from(parser.parse_args(list(argv)), environ)

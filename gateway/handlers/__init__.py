@@ -1,0 +1,1 @@
+"""HTTP handlers: thin — parse the request, call the ``Gateway``, respond."""

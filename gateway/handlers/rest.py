@@ -1,0 +1,73 @@
+"""The presence calls, the presence snapshot, publishing, and the stream-ticket exchange."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from gateway.auth import EVENTS_PUBLISH, PRESENCE_WRITE, SYNC_READ
+from gateway.handlers.common import identify, json_response, parse, query_of
+from gateway.handlers.params import PresenceQuery, PublishBody, ViewingQuery
+from gateway.presence import Resource
+from protocol.codecs import JSON
+from protocol.errors import ApiError, ValidationFailed
+
+
+async def join(request: web.Request) -> web.Response:
+    gateway, workspace, identity = identify(request, PRESENCE_WRITE)
+    return json_response(await gateway.rest_join(identity, workspace))
+
+
+async def leave(request: web.Request) -> web.Response:
+    gateway, workspace, identity = identify(request, PRESENCE_WRITE)
+    return json_response(await gateway.rest_leave(identity, workspace))
+
+
+async def viewing(request: web.Request) -> web.Response:
+    gateway, workspace, identity = identify(request, PRESENCE_WRITE)
+    query = parse(ViewingQuery, query_of(request), "query")
+    resource = Resource(query.resource_type, query.resource_id)
+    return json_response(await gateway.rest_viewing(identity, workspace, resource))
+
+
+async def presence(request: web.Request) -> web.Response:
+    """The workspace's members; with ``resource_type`` and ``resource_id``, who is viewing it."""
+    gateway, workspace, _ = identify(request, SYNC_READ)
+    query = parse(PresenceQuery, query_of(request), "query")
+    given = {"resource_type": query.resource_type, "resource_id": query.resource_id}
+    missing = [name for name, value in given.items() if value is None]
+    if len(missing) == 1:  # a filter needs both halves
+        raise ValidationFailed(({"loc": ["query", missing[0]], "msg": "Field required",
+                                 "type": "missing", "input": None, "ctx": {}},))
+    resource = None if missing else Resource(query.resource_type or "", query.resource_id or "")
+    return json_response(await gateway.presence(workspace, resource))
+
+
+async def publish(request: web.Request) -> web.Response:
+    """Publish one event to the workspace; 413 past ``max_event_bytes`` of encoded data."""
+    gateway, workspace, identity = identify(request, EVENTS_PUBLISH)
+    limit = gateway.settings.max_event_bytes
+    if request.content_length is not None and request.content_length > limit + 1024:
+        raise ApiError("PAYLOAD_TOO_LARGE", {"max_bytes": limit})
+    raw = await request.read()
+    try:
+        body = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValidationFailed(({"loc": ["body", 0], "msg": "JSON decode error",
+                                 "type": "json_invalid", "input": {},
+                                 "ctx": {"error": str(exc).split(":")[0]}},)) from None
+    if body is None:
+        raise ValidationFailed(({"loc": ["body"], "msg": "Field required", "type": "missing",
+                                 "input": None, "ctx": {}},))
+    event = parse(PublishBody, body, "body")
+    if len(JSON.encode(event.data)) > limit:
+        raise ApiError("PAYLOAD_TOO_LARGE", {"max_bytes": limit})
+    envelope = await gateway.publish(identity, workspace, event.type, event.data)
+    return json_response(envelope.to_dict())
+
+
+async def ticket(request: web.Request) -> web.Response:
+    """Exchange a bearer token for a short-lived, single-use ``?ticket=`` for ``EventSource``."""
+    gateway, workspace, identity = identify(request, SYNC_READ)
+    return json_response(await gateway.issue_ticket(identity, workspace))

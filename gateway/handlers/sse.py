@@ -1,0 +1,143 @@
+"""``GET .../sync/stream``: a workspace's events as server-sent events.
+
+The stream opens with ``retry:`` and either ``sync.snapshot`` or, with
+``Last-Event-ID`` (header, or ``last_event_id`` query), every missed event in
+order — or ``sync.reset`` and a fresh snapshot when those are no longer kept.
+Live events follow. It ends cleanly at ``timeout``; with ``sync.token_expired``
+when the token expires; with a jittered ``retry:`` when the node drains; and
+abruptly when the client cannot keep up (it resumes with ``Last-Event-ID``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from gateway.auth import SYNC_READ, Identity, bearer_token
+from gateway.core import Gateway
+from gateway.handlers.common import gateway_of, parse, query_of, workspace_of
+from gateway.handlers.params import StreamQuery
+from gateway.hub import Closed, Outbox, Resync, encoded, is_after, replay_or_reset, sync_envelope
+from protocol import sse
+from protocol.errors import ApiError
+from protocol.envelope import SYNC_RESET, SYNC_TOKEN_EXPIRED, Envelope, EventId, WorkspaceKey
+
+TRANSPORT = "sse"
+
+
+async def _identity(request: web.Request, gateway: Gateway, workspace: WorkspaceKey) -> Identity:
+    ticket = request.query.get("ticket")
+    if ticket is not None and "Authorization" not in request.headers:
+        return await gateway.redeem_ticket(ticket, workspace)
+    token = bearer_token(request.headers.get("Authorization"))
+    return gateway.identify(token, workspace, SYNC_READ)
+
+
+def _frame(envelope: Envelope) -> bytes:
+    return encoded(envelope, TRANSPORT, sse.encode_envelope)
+
+
+async def _end_at(gateway: Gateway, outbox: Outbox, deadline: float, expires_at: float) -> None:
+    """Close the outbox at the stream's deadline or the token's expiry, whichever is first."""
+    if expires_at < deadline:
+        await gateway.clock.sleep_until(expires_at + gateway.settings.jwt_leeway)
+        outbox.close("token_expired")
+    else:
+        await gateway.clock.sleep_until(deadline)
+        outbox.close("timeout")
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    gateway, workspace = gateway_of(request), workspace_of(request)
+    identity = await _identity(request, gateway, workspace)
+    query = parse(StreamQuery, query_of(request), "query")
+    if gateway.draining:
+        raise ApiError("SERVICE_UNAVAILABLE", {"reason": "draining"})
+    since = request.headers.get("Last-Event-ID") or query.last_event_id
+
+    feed = await gateway.hub.feed(workspace)
+    transport = request.transport
+    outbox = Outbox(
+        gateway.settings.send_buffer,
+        on_close=lambda reason: transport.abort() if reason == "overflow" and transport else None,
+    )
+    snapshot = feed.attach(outbox)  # live events from here on queue up in the outbox
+    response: EventSourceResponse | None = None
+    watcher: asyncio.Task[None] | None = None
+    timer: asyncio.Task[None] | None = None
+    held = False
+    try:
+        first, cursor = await replay_or_reset(gateway.broker, feed, snapshot, since)
+        await gateway.stream_opened(identity, workspace)
+        held = True
+        response = EventSourceResponse(
+            sep="\n", ping_interval=gateway.settings.keepalive,
+            headers={"X-Gateway-Node": gateway.node_id},
+        )
+        await response.prepare(request)
+        gateway.metrics.connections.labels(TRANSPORT).inc()
+        # The keep-alive task ends when a write fails: the client is gone.
+        watcher = asyncio.create_task(response.wait())
+        watcher.add_done_callback(lambda _: outbox.close("disconnected"))
+        timer = asyncio.create_task(
+            _end_at(gateway, outbox, gateway.clock.now() + query.timeout, identity.expires_at)
+        )
+        await response.write(sse.retry(gateway.settings.retry_ms) + b"".join(map(_frame, first)))
+        await _pump(gateway, response, outbox, workspace, cursor)
+    except ConnectionResetError:
+        if response is None:
+            raise
+    finally:
+        feed.detach(outbox)
+        for task in (timer, watcher):
+            if task is not None:
+                task.cancel()
+        if response is not None and response.prepared:
+            gateway.metrics.connections.labels(TRANSPORT).dec()
+        if held:
+            await asyncio.shield(gateway.stream_closed(identity, workspace))
+    return response
+
+
+async def _pump(
+    gateway: Gateway, response: EventSourceResponse, outbox: Outbox,
+    workspace: WorkspaceKey, cursor: EventId | None,
+) -> None:
+    delivered = gateway.metrics.events_delivered.labels(TRANSPORT)
+    while True:
+        item = await outbox.next()
+        if isinstance(item, Closed):
+            await _finish(gateway, response, workspace, item, cursor)
+            return
+        if isinstance(item, Resync):
+            reset = sync_envelope(workspace, SYNC_RESET, item.snapshot.id,
+                                  {"reason": "history_lost", "last_event_id": str(cursor)})
+            await response.write(_frame(reset) + _frame(item.snapshot))
+            cursor = EventId.parse(item.snapshot.id)
+            continue
+        if not is_after(item, cursor):
+            continue  # already sent in the replay
+        await response.write(_frame(item))
+        delivered.inc()
+        cursor = EventId.parse(item.id)
+
+
+async def _finish(
+    gateway: Gateway, response: EventSourceResponse, workspace: WorkspaceKey,
+    closed: Closed, cursor: EventId | None,
+) -> None:
+    with contextlib.suppress(ConnectionResetError):
+        if closed.reason == "token_expired":
+            event = sync_envelope(workspace, SYNC_TOKEN_EXPIRED, str(cursor) if cursor else "",
+                                  {"reason": "token_expired"})
+            await response.write(_frame(event))
+        elif closed.reason == "drain":
+            # Spread the reconnections of a drained node's clients over a few seconds.
+            jitter = random.randint(gateway.settings.retry_ms, gateway.settings.retry_ms * 3)
+            await response.write(sse.retry(jitter))
+        elif closed.reason == "overflow":
+            gateway.metrics.slow_consumer_disconnects.labels(TRANSPORT).inc()

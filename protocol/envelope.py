@@ -1,0 +1,131 @@
+"""The event envelope every client sees, and the event id (cursor) it carries.
+
+An event id is ``<epoch>:<ms>-<seq>``: ``<ms>-<seq>`` is the entry id of the
+workspace's log (a Redis stream entry id on the Redis backend), and ``epoch``
+names the incarnation of that log. Ids are ordered within one epoch; an id of
+another epoch cannot be resumed from (the history it points into is gone).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+# The families of event types that only the gateway may emit.
+RESERVED_PREFIXES: Final = ("presence.", "sync.")
+PUBLISHABLE_TYPE: Final = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+
+PRESENCE_JOINED: Final = "presence.joined"
+PRESENCE_LEFT: Final = "presence.left"
+PRESENCE_VIEWING: Final = "presence.viewing"
+SYNC_SNAPSHOT: Final = "sync.snapshot"
+SYNC_RESET: Final = "sync.reset"
+SYNC_TOKEN_EXPIRED: Final = "sync.token_expired"
+
+_ENTRY_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_EVENT_ID = re.compile(r"^([0-9a-z]{1,32}):(\d{1,20})-(\d{1,20})$")
+
+
+def is_publishable_type(event_type: str) -> bool:
+    """True for a type a client or service may publish (not a reserved family)."""
+    return bool(PUBLISHABLE_TYPE.match(event_type)) and not event_type.startswith(
+        RESERVED_PREFIXES
+    )
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class EntryId:
+    """A log entry id ``<ms>-<seq>``, ordered as Redis orders stream ids."""
+
+    ms: int
+    seq: int
+
+    @classmethod
+    def parse(cls, text: str) -> EntryId:
+        match = _ENTRY_ID.match(text)
+        if match is None:
+            raise ValueError(f"not an entry id: {text!r}")
+        return cls(int(match[1]), int(match[2]))
+
+    def __str__(self) -> str:
+        return f"{self.ms}-{self.seq}"
+
+
+ZERO: Final = EntryId(0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class EventId:
+    """A resumable cursor: an entry id within one epoch of a workspace log."""
+
+    epoch: str
+    entry: EntryId
+
+    @classmethod
+    def parse(cls, text: str) -> EventId:
+        """Parse ``<epoch>:<ms>-<seq>``; raises ``ValueError`` for anything else."""
+        match = _EVENT_ID.match(text)
+        if match is None:
+            raise ValueError("not an event id")
+        return cls(match[1], EntryId(int(match[2]), int(match[3])))
+
+    def __str__(self) -> str:
+        return f"{self.epoch}:{self.entry}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkspaceKey:
+    """One workspace of one organization: the unit of ordering and presence."""
+
+    org_id: str
+    workspace_id: str
+
+    def __str__(self) -> str:
+        return f"{self.org_id}/{self.workspace_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One event as every transport delivers it (SSE ``data``, WebSocket ``event``).
+
+    ``id`` is the event id; events of one workspace are delivered in ``id`` order.
+    """
+
+    id: str
+    type: str
+    org_id: str
+    workspace_id: str
+    actor: dict[str, Any]
+    data: dict[str, Any]
+    timestamp: str
+    # Cached encodings (keyed by codec name), filled lazily by the hub so that an
+    # event is encoded once per encoding however many subscribers receive it.
+    _encoded: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "org_id": self.org_id,
+            "workspace_id": self.workspace_id,
+            "actor": self.actor,
+            "data": self.data,
+            "timestamp": self.timestamp,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Envelope:
+        return cls(
+            id=str(raw["id"]),
+            type=str(raw["type"]),
+            org_id=str(raw["org_id"]),
+            workspace_id=str(raw["workspace_id"]),
+            actor=dict(raw["actor"]),
+            data=dict(raw["data"]),
+            timestamp=str(raw["timestamp"]),
+        )
+
+    @property
+    def workspace(self) -> WorkspaceKey:
+        return WorkspaceKey(self.org_id, self.workspace_id)
