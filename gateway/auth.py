@@ -66,20 +66,20 @@ def identity_from_claims(claims: dict[str, Any]) -> Identity:
     """Validate the claim types; raises 401 for a token that lacks or garbles them."""
     sub, org_id = claims.get("sub"), claims.get("org_id")
     if not isinstance(sub, str) or not sub or not isinstance(org_id, str) or not org_id:
-        raise authentication_failed()
+        raise authentication_failed("invalid claims")
     raw_workspaces = claims.get("workspaces")
     if raw_workspaces == "*":
         workspaces = None
     else:
         workspaces = _strings(raw_workspaces)
         if workspaces is None:
-            raise authentication_failed()
+            raise authentication_failed("invalid claims")
     permissions = _strings(claims.get("permissions", []))
     if permissions is None:
-        raise authentication_failed()
+        raise authentication_failed("invalid claims")
     kind = claims.get("kind", "user")
     if kind not in ("user", "service"):
-        raise authentication_failed()
+        raise authentication_failed("invalid claims")
     display = tuple(
         (name, claims[name]) for name in DISPLAY_CLAIMS if isinstance(claims.get(name), str)
     )
@@ -123,14 +123,18 @@ class TokenVerifier:
                     "verify_iat": False,
                 },
             )
+        except jwt.InvalidAudienceError as exc:
+            raise authentication_failed("wrong audience") from exc
+        except jwt.InvalidIssuerError as exc:
+            raise authentication_failed("wrong issuer") from exc
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
-            raise authentication_failed() from exc
+            raise authentication_failed("invalid token") from exc
         now = self._now()
         exp, nbf = claims.get("exp"), claims.get("nbf")
         if not isinstance(exp, (int, float)) or now > exp + self._leeway:
-            raise authentication_failed()
+            raise authentication_failed("token expired")
         if nbf is not None and (not isinstance(nbf, (int, float)) or now + self._leeway < nbf):
-            raise authentication_failed()
+            raise authentication_failed("token not yet valid")
         return identity_from_claims(claims)
 
 

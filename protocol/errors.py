@@ -37,6 +37,8 @@ class ApiError(Exception):
 
     code: str
     details: dict[str, Any] = field(default_factory=dict)
+    # Why, for the operator and the ``WWW-Authenticate`` header; never in the body.
+    hint: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if self.code not in _CATALOGUE:
@@ -60,8 +62,9 @@ class ApiError(Exception):
         }
 
 
-def authentication_failed() -> ApiError:
-    return ApiError("AUTHENTICATION_FAILED")
+def authentication_failed(hint: str = "") -> ApiError:
+    """401; ``hint`` (e.g. ``token expired``) travels only in ``WWW-Authenticate``."""
+    return ApiError("AUTHENTICATION_FAILED", hint=hint)
 
 
 def forbidden(required_permission: str) -> ApiError:

@@ -27,12 +27,22 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> ApiError | None:
     return None
 
 
+def _challenge(hint: str) -> str:
+    """RFC 6750: say why a presented token was refused, without changing the body."""
+    if not hint:
+        return 'Bearer realm="mechamental-sync"'
+    return f'Bearer realm="mechamental-sync", error="invalid_token", error_description="{hint}"'
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
-        return json_response(exc.body(), status=exc.status)
+        response = json_response(exc.body(), status=exc.status)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = _challenge(exc.hint)
+        return response
     except ValidationFailed as exc:
         return json_response(exc.body(), status=exc.status)
     except BackendUnavailable:

@@ -1,0 +1,200 @@
+"""Token verification: pinned algorithm, forgeries refused, claims checked, tickets single-use."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import replace
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from tests.conftest import BASE, ORG, SECRET, WORKSPACE, auth
+from tests.sse_client import SSEReader
+
+JOIN = f"{BASE}/presence/join"
+
+
+def claims(clock, **overrides):
+    base = {"sub": "user-1", "org_id": ORG, "workspaces": [WORKSPACE],
+            "permissions": ["sync:read", "presence:write", "events:publish"],
+            "iat": int(clock.now()), "exp": int(clock.now()) + 3600}
+    base.update(overrides)
+    return {key: value for key, value in base.items() if value is not None}
+
+
+def b64(part: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
+
+
+def rsa_pair():
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key, public
+
+
+def ec_pair():
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key, public
+
+
+async def status_with(client, token: str) -> int:
+    return (await client.post(JOIN, headers=auth(token))).status
+
+
+async def test_valid_hs256_token_is_accepted(client, clock):
+    assert await status_with(client, jwt.encode(claims(clock), SECRET, algorithm="HS256")) == 200
+
+
+async def test_alg_none_is_refused(client, clock):
+    forged = f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims(clock))}."
+    response = await client.post(JOIN, headers=auth(forged))
+    assert response.status == 401
+    assert "invalid_token" in response.headers["WWW-Authenticate"]
+
+
+async def test_wrong_secret_is_refused(client, clock):
+    assert await status_with(client, jwt.encode(claims(clock), "another-secret-" * 3,
+                                                algorithm="HS256")) == 401
+
+
+async def test_tampered_payload_is_refused(client, clock):
+    good = jwt.encode(claims(clock), SECRET, algorithm="HS256")
+    header, _, signature = good.split(".")
+    tampered = f"{header}.{b64(claims(clock, workspaces='*', sub='admin'))}.{signature}"
+    assert await status_with(client, tampered) == 401
+
+
+async def test_hs512_token_is_refused_when_hs256_is_pinned(client, clock):
+    assert await status_with(client, jwt.encode(claims(clock), SECRET, algorithm="HS512")) == 401
+
+
+async def test_expired_token_is_refused_with_reason_in_header_only(client, clock):
+    token = jwt.encode(claims(clock, exp=int(clock.now()) - 60), SECRET, algorithm="HS256")
+    response = await client.post(JOIN, headers=auth(token))
+    assert response.status == 401
+    assert (await response.json())["message"] == "Authentication required"
+    assert 'error_description="token expired"' in response.headers["WWW-Authenticate"]
+
+
+async def test_expiry_has_a_small_leeway(client, clock):
+    token = jwt.encode(claims(clock, exp=int(clock.now()) - 5), SECRET, algorithm="HS256")
+    assert await status_with(client, token) == 200
+
+
+async def test_token_without_exp_is_refused(client, clock):
+    assert await status_with(client, jwt.encode(claims(clock, exp=None), SECRET,
+                                                algorithm="HS256")) == 401
+
+
+async def test_not_yet_valid_token_is_refused(client, clock):
+    token = jwt.encode(claims(clock, nbf=int(clock.now()) + 600), SECRET, algorithm="HS256")
+    assert await status_with(client, token) == 401
+
+
+@pytest.mark.parametrize("bad", [
+    {"sub": None}, {"sub": 42}, {"sub": ""}, {"org_id": None}, {"workspaces": None},
+    {"workspaces": "ws-1"}, {"workspaces": [1, 2]}, {"permissions": "sync:read"},
+    {"kind": "admin"},
+])
+async def test_malformed_claims_are_refused(client, clock, bad):
+    assert await status_with(client, jwt.encode(claims(clock, **bad), SECRET,
+                                                algorithm="HS256")) == 401
+
+
+async def test_audience_and_issuer_are_checked_when_configured(app_factory, settings, clock):
+    client = await app_factory(replace(settings, jwt_audience="sync", jwt_issuer="https://id.mm"))
+    good = claims(clock, aud="sync", iss="https://id.mm")
+    assert await status_with(client, jwt.encode(good, SECRET, algorithm="HS256")) == 200
+    for bad in ({"aud": "billing"}, {"aud": None}, {"iss": "https://evil"}, {"iss": None}):
+        token = jwt.encode({**good, **bad} if None not in bad.values()
+                           else {k: v for k, v in good.items() if k not in bad}, SECRET,
+                           algorithm="HS256")
+        assert await status_with(client, token) == 401, bad
+
+
+async def test_rs256_gateway_accepts_rs256_and_refuses_hs_confusion(
+        app_factory, settings, clock, tmp_path):
+    private, public = rsa_pair()
+    key_file = tmp_path / "public.pem"
+    key_file.write_bytes(public)
+    client = await app_factory(replace(settings, jwt_secret=None, jwt_algorithm="RS256",
+                                       jwt_public_key_file=str(key_file)))
+    assert await status_with(client, jwt.encode(claims(clock), private, algorithm="RS256")) == 200
+    # The classic confusion: sign HS256 with the public key as the HMAC secret.
+    import hashlib
+    import hmac
+    header = b64({"alg": "HS256", "typ": "JWT"})
+    body = b64(claims(clock))
+    signature = base64.urlsafe_b64encode(
+        hmac.new(public, f"{header}.{body}".encode(), hashlib.sha256).digest()).rstrip(b"=").decode()
+    assert await status_with(client, f"{header}.{body}.{signature}") == 401
+    other, _ = rsa_pair()
+    assert await status_with(client, jwt.encode(claims(clock), other, algorithm="RS256")) == 401
+
+
+async def test_es256_gateway(app_factory, settings, clock, tmp_path):
+    private, public = ec_pair()
+    key_file = tmp_path / "public.pem"
+    key_file.write_bytes(public)
+    client = await app_factory(replace(settings, jwt_secret=None, jwt_algorithm="ES256",
+                                       jwt_public_key_file=str(key_file)))
+    assert await status_with(client, jwt.encode(claims(clock), private, algorithm="ES256")) == 200
+    rsa_private, _ = rsa_pair()
+    assert await status_with(client, jwt.encode(claims(clock), rsa_private,
+                                                algorithm="RS256")) == 401
+
+
+# -- stream tickets ----------------------------------------------------------------
+
+async def ticket_for(client, token: str, base: str = BASE) -> str:
+    response = await client.post(f"{base}/tickets", headers=auth(token))
+    assert response.status == 200
+    body = await response.json()
+    assert body["expires_in"] == 30
+    return body["ticket"]
+
+
+async def test_ticket_opens_the_stream_once(client, token):
+    ticket = await ticket_for(client, token())
+    response = await client.get(f"{BASE}/stream?ticket={ticket}")
+    assert response.status == 200
+    first = await SSEReader(response).next()
+    assert first is not None and first.event == "sync.snapshot"
+    response.close()
+    again = await client.get(f"{BASE}/stream?ticket={ticket}")
+    assert again.status == 401
+
+
+async def test_ticket_is_bound_to_its_workspace(client, token):
+    ticket = await ticket_for(client, token(workspaces="*"))
+    response = await client.get(f"/v1/orgs/{ORG}/workspaces/other/sync/stream?ticket={ticket}")
+    assert response.status == 401
+    # and it was consumed by the failed attempt: no second try either
+    assert (await client.get(f"{BASE}/stream?ticket={ticket}")).status == 401
+
+
+async def test_ticket_expires(client, token, clock):
+    ticket = await ticket_for(client, token())
+    clock.advance(31)
+    assert (await client.get(f"{BASE}/stream?ticket={ticket}")).status == 401
+
+
+@pytest.mark.parametrize("ticket", ["", "x", "a" * 500, "../../etc", "eyJhbGciOiJub25lIn0.e30."])
+async def test_unknown_tickets_are_401(client, ticket):
+    assert (await client.get(f"{BASE}/stream", params={"ticket": ticket})).status == 401
+
+
+async def test_ticket_carries_the_identity(client, token):
+    ticket = await ticket_for(client, token("alice", name="Alice"))
+    await client.post(JOIN, headers=auth(token("alice", name="Alice")))
+    response = await client.get(f"{BASE}/stream?ticket={ticket}")
+    snapshot = (await SSEReader(response).next()).envelope
+    assert [m["actor"] for m in snapshot["data"]["members"]] == [
+        {"type": "user", "id": "alice", "name": "Alice"}]
+    response.close()
