@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import ClientResponse
+from aiohttp import ClientPayloadError, ClientResponse
 
 
 @dataclass
@@ -28,9 +28,14 @@ class SSEReader:
         self.response = response
         self.buffer = b""
         self.eof = False
+        self.aborted = False  # the server cut the connection mid-body
 
     async def _fill(self, timeout: float) -> bool:
-        chunk = await asyncio.wait_for(self.response.content.readany(), timeout)
+        try:
+            chunk = await asyncio.wait_for(self.response.content.readany(), timeout)
+        except ClientPayloadError:
+            self.eof = self.aborted = True
+            return False
         if not chunk:
             self.eof = True
             return False

@@ -1,0 +1,254 @@
+"""Presence on one node as users see it: one member per user, TTL, stream keep-alive, grace."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from gateway.handlers.common import GATEWAY
+from gateway.auth import Identity
+from protocol.envelope import WorkspaceKey
+from tests.conftest import BASE, ORG, WORKSPACE, auth
+from tests.sse_client import SSEReader
+
+KEY = WorkspaceKey(ORG, WORKSPACE)
+
+
+async def watch(client, token):
+    """A stream held by an observer; returns the reader positioned after the snapshot."""
+    response = await client.get(f"{BASE}/stream", headers=auth(token("observer")))
+    reader = SSEReader(response)
+    snapshot = await reader.next()
+    assert snapshot.event == "sync.snapshot"
+    return response, reader
+
+
+async def members(client, token, query=""):
+    response = await client.get(f"{BASE}/presence{query}", headers=auth(token("observer")))
+    assert response.status == 200
+    return await response.json()
+
+
+async def no_event(reader, client, token):
+    """Nothing pending: a marker event published now arrives next."""
+    await client.post(f"{BASE}/events", json={"type": "test.marker"}, headers=auth(token()))
+    event = await reader.next()
+    assert event.event == "test.marker", f"unexpected {event.event}: {event.data}"
+
+
+async def test_join_answers_the_callers_presence_and_emits_joined(client, token):
+    _, reader = await watch(client, token)
+    response = await client.post(f"{BASE}/presence/join",
+                                 headers=auth(token("alice", name="Alice")))
+    assert response.status == 200
+    body = await response.json()
+    assert body["user_id"] == "alice" and body["present"] is True and body["sessions"] == 1
+    assert body["viewing"] == []
+    assert body["actor"] == {"type": "user", "id": "alice", "name": "Alice"}
+    event = await reader.next()
+    assert event.event == "presence.joined"
+    assert event.envelope["actor"] == {"type": "user", "id": "alice", "name": "Alice"}
+    assert event.envelope["data"]["user_id"] == "alice"
+    snapshot = await members(client, token)
+    assert [m["user_id"] for m in snapshot["members"]] == ["alice"]
+    assert snapshot["last_event_id"] == event.id
+
+
+async def test_join_twice_is_one_member_one_event(client, token):
+    _, reader = await watch(client, token)
+    for _ in range(3):
+        await client.post(f"{BASE}/presence/join", headers=auth(token("alice")))
+    assert (await reader.next()).event == "presence.joined"
+    await no_event(reader, client, token)
+
+
+async def test_three_sessions_of_one_user_are_one_member(client, token):
+    gateway = client.app[GATEWAY]
+    identity = gateway.verifier.verify(token("alice"))
+    assert isinstance(identity, Identity)
+    _, reader = await watch(client, token)
+    await client.post(f"{BASE}/presence/join", headers=auth(token("alice")))
+    await gateway.session_join(identity, KEY, "tab-1")
+    await gateway.session_join(identity, KEY, "tab-2")
+    assert (await reader.next()).event == "presence.joined"
+    assert len((await members(client, token))["members"]) == 1
+    left = await client.post(f"{BASE}/presence/leave", headers=auth(token("alice")))
+    assert (await left.json())["present"] is True  # two tabs remain
+    await gateway.session_leave(identity, KEY, "tab-1")
+    await no_event(reader, client, token)
+    await gateway.session_leave(identity, KEY, "tab-2")
+    event = await reader.next()
+    assert event.event == "presence.left"
+    assert event.envelope["data"] == {"user_id": "alice", "reason": "leave"}
+    assert (await members(client, token))["members"] == []
+
+
+async def test_leave_without_join_changes_nothing(client, token):
+    _, reader = await watch(client, token)
+    response = await client.post(f"{BASE}/presence/leave", headers=auth(token("alice")))
+    assert await response.json() == {"user_id": "alice", "present": False, "viewing": [],
+                                     "sessions": 0}
+    await no_event(reader, client, token)
+
+
+async def test_viewing_emits_only_on_change_and_filters_presence(client, token):
+    _, reader = await watch(client, token)
+    url = f"{BASE}/presence/viewing?resource_type=document&resource_id=d1"
+    response = await client.post(url, headers=auth(token("alice")))
+    assert (await response.json())["viewing"] == [{"resource_type": "document", "resource_id": "d1"}]
+    # viewing creates the session: joined carries what is viewed
+    joined = await reader.next()
+    assert joined.event == "presence.joined"
+    assert joined.envelope["data"]["viewing"] == [{"resource_type": "document", "resource_id": "d1"}]
+    await client.post(url, headers=auth(token("alice")))
+    await no_event(reader, client, token)
+    await client.post(f"{BASE}/presence/viewing?resource_type=document&resource_id=d2",
+                      headers=auth(token("alice")))
+    changed = await reader.next()
+    assert changed.event == "presence.viewing"
+    assert changed.envelope["data"]["viewing"] == [{"resource_type": "document", "resource_id": "d2"}]
+    await client.post(f"{BASE}/presence/join", headers=auth(token("bob")))
+    await reader.next()
+    d2 = await members(client, token, "?resource_type=document&resource_id=d2")
+    assert [m["user_id"] for m in d2["members"]] == ["alice"]
+    d1 = await members(client, token, "?resource_type=document&resource_id=d1")
+    assert d1["members"] == []
+    everyone = await members(client, token)
+    assert [m["user_id"] for m in everyone["members"]] == ["alice", "bob"]
+
+
+async def test_two_tabs_viewing_two_documents(client, token):
+    gateway = client.app[GATEWAY]
+    from gateway.presence import Resource
+
+    alice = gateway.verifier.verify(token("alice"))
+    await gateway.session_viewing(alice, KEY, "tab-1", Resource("document", "d1"))
+    await gateway.session_viewing(alice, KEY, "tab-2", Resource("document", "d2"))
+    for doc in ("d1", "d2"):
+        viewers = await members(client, token, f"?resource_type=document&resource_id={doc}")
+        assert [m["user_id"] for m in viewers["members"]] == ["alice"]
+    await gateway.session_leave(alice, KEY, "tab-2")
+    assert (await members(client, token, "?resource_type=document&resource_id=d2"))["members"] == []
+
+
+async def test_rest_session_expires_after_ttl(client, token, clock):
+    _, reader = await watch(client, token)
+    await client.post(f"{BASE}/presence/join", headers=auth(token("alice")))
+    assert (await reader.next()).event == "presence.joined"
+    clock.advance(29)
+    await no_event(reader, client, token)
+    await client.post(f"{BASE}/presence/join", headers=auth(token("alice")))  # refresh
+    clock.advance(29)
+    await no_event(reader, client, token)
+    clock.advance(2)
+    event = await reader.next()
+    assert event.event == "presence.left"
+    assert event.envelope["data"] == {"user_id": "alice", "reason": "expired"}
+
+
+async def close_and_wait(client, token, response, subscribers_left: int) -> None:
+    """Close a stream and wait until the node has let go of it (it notices on its next write)."""
+    response.close()
+    feed = client.app[GATEWAY].hub.existing_feed(KEY)
+    for _ in range(100):
+        if feed.subscriber_count == subscribers_left:
+            return
+        await client.post(f"{BASE}/events", json={"type": "test.tick"}, headers=auth(token()))
+        await asyncio.sleep(0.01)
+    raise AssertionError("the node never noticed the closed stream")
+
+
+async def next_presence(reader):
+    """The next presence event, skipping ticks and markers."""
+    while True:
+        event = await reader.next()
+        if not event.event.startswith("test."):
+            return event
+
+
+async def test_open_stream_keeps_the_rest_session_then_grace(client, token, clock):
+    _, observer = await watch(client, token)
+    mine = await client.get(f"{BASE}/stream", headers=auth(token("alice")))
+    await SSEReader(mine).next()
+    await client.post(f"{BASE}/presence/join", headers=auth(token("alice")))
+    assert (await observer.next()).event == "presence.joined"
+    clock.advance(300)  # ten TTLs: the open stream keeps alice present
+    await no_event(observer, client, token)
+    await close_and_wait(client, token, mine, subscribers_left=1)
+    clock.advance(4)  # within disconnect_grace (5 s)
+    await client.post(f"{BASE}/events", json={"type": "x.done"}, headers=auth(token()))
+    assert (await next_presence(observer)).event == "x.done"
+    clock.advance(2)
+    left = await next_presence(observer)
+    assert left.event == "presence.left"
+    assert left.envelope["data"] == {"user_id": "alice", "reason": "expired"}
+
+
+async def test_reconnect_within_grace_shows_no_flicker(client, token, clock):
+    _, observer = await watch(client, token)
+    first = await client.get(f"{BASE}/stream", headers=auth(token("alice")))
+    await SSEReader(first).next()
+    await client.post(f"{BASE}/presence/join", headers=auth(token("alice")))
+    assert (await observer.next()).event == "presence.joined"
+    await close_and_wait(client, token, first, subscribers_left=1)
+    clock.advance(3)
+    again = await client.get(f"{BASE}/stream", headers=auth(token("alice")))  # page reload
+    await SSEReader(again).next()
+    clock.advance(600)
+    await client.post(f"{BASE}/events", json={"type": "x.done"}, headers=auth(token()))
+    assert (await next_presence(observer)).event == "x.done"
+    assert [m["user_id"] for m in (await members(client, token))["members"]] == ["alice"]
+    again.close()
+
+
+async def test_stream_alone_does_not_make_a_member(client, token, clock):
+    _, observer = await watch(client, token)
+    mine = await client.get(f"{BASE}/stream", headers=auth(token("alice")))
+    await SSEReader(mine).next()
+    assert [m["user_id"] for m in (await members(client, token))["members"]] == []
+    await no_event(observer, client, token)
+    mine.close()
+
+
+async def test_leave_is_immediate_even_with_an_open_stream(client, token):
+    _, observer = await watch(client, token)
+    mine = await client.get(f"{BASE}/stream", headers=auth(token("alice")))
+    await SSEReader(mine).next()
+    await client.post(f"{BASE}/presence/join", headers=auth(token("alice")))
+    assert (await observer.next()).event == "presence.joined"
+    await client.post(f"{BASE}/presence/leave", headers=auth(token("alice")))
+    left = await observer.next()
+    assert left.envelope["data"] == {"user_id": "alice", "reason": "leave"}
+    mine.close()
+
+
+async def test_published_event_carries_actor_and_data(client, token):
+    _, observer = await watch(client, token)
+    response = await client.post(
+        f"{BASE}/events", json={"type": "doc.updated", "data": {"doc": "d1", "rev": 7}},
+        headers=auth(token("billing", kind="service")))
+    published = await response.json()
+    event = await observer.next()
+    assert event.envelope == published
+    assert published["actor"] == {"type": "service", "id": "billing"}
+    assert published["data"] == {"doc": "d1", "rev": 7}
+    assert published["type"] == "doc.updated"
+
+
+async def test_presence_read_your_writes_on_a_fresh_node(app_factory, settings, token):
+    client = await app_factory(replace(settings, node_id="fresh"))
+    await client.post(f"{BASE}/presence/join", headers=auth(token("alice")))
+    assert [m["user_id"] for m in (await members(client, token))["members"]] == ["alice"]
+    await client.post(f"{BASE}/presence/join", headers=auth(token("bob")))
+    assert [m["user_id"] for m in (await members(client, token))["members"]] == ["alice", "bob"]
+    await client.post(f"{BASE}/presence/leave", headers=auth(token("alice")))
+    assert [m["user_id"] for m in (await members(client, token))["members"]] == ["bob"]
+
+
+async def test_health_endpoints(client):
+    health = await client.get("/healthz")
+    assert health.status == 200 and (await health.json())["status"] == "ok"
+    ready = await client.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["status"] == "ready"
+    metrics = await client.get("/metrics")
+    assert "gateway_connections" in await metrics.text()

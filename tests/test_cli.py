@@ -1,0 +1,139 @@
+"""The commands a newcomer types: ``token`` and ``serve`` (dev mode and configured)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import jwt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
+                          text=True, timeout=30, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def http(method: str, url: str, token: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, method=method)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@contextmanager
+def serve(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A real ``serve`` process on a free port; stopped (by its PID) afterwards."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(port), *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if http("GET", f"http://127.0.0.1:{port}/readyz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("gateway did not become ready")
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_token_prints_a_jwt_with_the_claims():
+    result = run_cli("token", "--sub", "u1", "--org", "o1", "--workspace", "w1",
+                     "--workspace", "w2", "--permission", "sync:read", "--ttl", "600",
+                     "--name", "Ursula", "--jwt-secret", "s" * 40)
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), "s" * 40, algorithms=["HS256"])
+    assert claims["sub"] == "u1" and claims["org_id"] == "o1"
+    assert claims["workspaces"] == ["w1", "w2"]
+    assert claims["permissions"] == ["sync:read"]
+    assert claims["name"] == "Ursula"
+    assert claims["exp"] - claims["iat"] == 600
+
+
+def test_token_takes_the_secret_from_the_environment_and_star_workspaces():
+    result = run_cli("token", "--sub", "u1", "--org", "o1", "--workspace", "*",
+                     env={"GATEWAY_JWT_SECRET": "e" * 40})
+    claims = jwt.decode(result.stdout.strip(), "e" * 40, algorithms=["HS256"])
+    assert claims["workspaces"] == "*"
+    assert claims["permissions"] == ["sync:read", "presence:write", "events:publish"]
+
+
+def test_token_without_a_secret_says_so():
+    env = {key: value for key, value in os.environ.items() if key != "GATEWAY_JWT_SECRET"}
+    result = subprocess.run([sys.executable, "-m", "gateway", "token", "--sub", "u", "--org", "o",
+                             "--workspace", "w"], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=30)
+    assert result.returncode == 2
+    assert "--jwt-secret" in result.stderr
+
+
+def test_serve_refuses_a_bad_setting():
+    result = run_cli("serve", "--jwt-algorithm", "none")
+    assert result.returncode == 2
+    assert "jwt_algorithm" in result.stderr
+
+
+def test_dev_mode_prints_a_working_token_and_examples():
+    with serve() as (process, port):
+        assert process.stderr is not None
+        banner = ""
+        deadline = time.monotonic() + 10
+        while "export TOKEN=" not in banner and time.monotonic() < deadline:
+            banner += process.stderr.readline()
+        while "curl -X POST" not in banner.split("export TOKEN=")[-1] and time.monotonic() < deadline:
+            banner += process.stderr.readline()
+        assert "DEV MODE" in banner
+        token = re.search(r"export TOKEN=(\S+)", banner)[1]  # type: ignore[index]
+        assert f"http://127.0.0.1:{port}/v1/orgs/demo/workspaces/lobby/sync/stream" in banner
+        base = f"http://127.0.0.1:{port}/v1/orgs/demo/workspaces/lobby/sync"
+        assert http("POST", f"{base}/presence/join", token)[0] == 200
+        status, body = http("GET", f"{base}/presence", token)
+        assert status == 200 and b'"dev-user"' in body
+        assert http("POST", f"{base}/presence/join", "forged")[0] == 401
+
+
+def test_configured_serve_from_environment_variables():
+    secret = "c" * 40
+    with serve(env={"GATEWAY_JWT_SECRET": secret, "GATEWAY_PRESENCE_TTL": "45"}) as (process, port):
+        token = run_cli("token", "--sub", "u1", "--org", "o1", "--workspace", "w1",
+                        "--jwt-secret", secret).stdout.strip()
+        status, _ = http("POST", f"http://127.0.0.1:{port}/v1/orgs/o1/workspaces/w1/sync/presence/join",
+                         token)
+        assert status == 200
+    assert process.stderr is not None
+    assert "DEV MODE" not in process.stderr.read()
