@@ -123,6 +123,9 @@ async def main() -> None:
                   f"p90={percentile(latencies, 0.90) * 1000:.2f} "
                   f"p99={percentile(latencies, 0.99) * 1000:.2f} "
                   f"max={max(latencies) * 1000:.2f}")
+        stat = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+        print(f"gateway CPU: {cpu:.2f}s ({delivered / cpu:,.0f} deliveries per gateway CPU-second)")
         rss = Path(f"/proc/{process.pid}/status").read_text() if os.path.exists(
             f"/proc/{process.pid}/status") else ""
         for line in rss.splitlines():

@@ -116,6 +116,13 @@ class Outbox:
             self._ready.clear()
             await self._ready.wait()
 
+    def ready(self, limit: int) -> list[Envelope | Resync]:
+        """Up to ``limit`` queued items, without waiting (for batching writes)."""
+        if self.closed is not None:
+            return []
+        count = min(limit, len(self._items))
+        return [self._items.popleft() for _ in range(count)]
+
     def __len__(self) -> int:
         return len(self._items)
 
