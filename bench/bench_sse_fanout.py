@@ -27,7 +27,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.auth import mint_token  # noqa: E402
+from gateway.auth import mint_token
 
 SECRET = "bench-secret-" + "b" * 32
 
@@ -109,7 +109,7 @@ async def main() -> None:
                     assert response.status == 200, await response.text()
                 next_at = started + (i + 1) / args.rate
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            done, pending = await asyncio.wait(readers, timeout=max(1.0, deadline - time.monotonic()))
+            _, pending = await asyncio.wait(readers, timeout=max(1.0, deadline - time.monotonic()))
             elapsed = time.monotonic() - started
             for task in pending:
                 task.cancel()

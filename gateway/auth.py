@@ -180,11 +180,11 @@ def new_ticket() -> str:
 
 __all__ = [
     "ALL_PERMISSIONS",
-    "ApiError",
     "EVENTS_PUBLISH",
-    "Identity",
     "PRESENCE_WRITE",
     "SYNC_READ",
+    "ApiError",
+    "Identity",
     "TokenVerifier",
     "bearer_token",
     "identity_from_claims",

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SYSTEM_ACTOR: Final = {"type": "system", "id": "gateway"}
 FEED_IDLE_SECONDS: Final = 60.0
+APPLY_WAIT_SECONDS: Final = 2.0
 
 
 def encoded(envelope: Envelope, name: str, encode: Callable[[Envelope], bytes]) -> bytes:
@@ -170,15 +171,16 @@ class Feed:
     def presence(self, resource: Resource | None = None) -> dict[str, Any]:
         return self.replica.snapshot(resource)
 
-    async def wait_applied(self, event_id: str, timeout: float = 2.0) -> None:
-        """Return once the replica has applied ``event_id`` (read-your-writes), or after ``timeout``."""
+    async def wait_applied(self, event_id: str) -> None:
+        """Return once the replica has applied ``event_id`` (read-your-writes), or after
+        ``APPLY_WAIT_SECONDS`` if the feed is stuck (the write itself has succeeded)."""
         target = EventId.parse(event_id)
         if target.epoch != self.replica.position.epoch or target.entry <= self.replica.position.entry:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((target, waiter))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            await asyncio.wait_for(asyncio.shield(waiter), APPLY_WAIT_SECONDS)
 
     def _wake_waiters(self) -> None:
         position = self.replica.position

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-from gateway.handlers.common import GATEWAY
 from gateway.auth import Identity
+from gateway.handlers.common import GATEWAY
 from protocol.envelope import WorkspaceKey
 from tests.conftest import BASE, ORG, WORKSPACE, auth
 from tests.sse_client import SSEReader

@@ -23,8 +23,8 @@ from gateway.handlers.common import gateway_of, parse, query_of, workspace_of
 from gateway.handlers.params import StreamQuery
 from gateway.hub import Closed, Outbox, Resync, encoded, is_after, replay_or_reset, sync_envelope
 from protocol import sse
-from protocol.errors import ApiError
 from protocol.envelope import SYNC_RESET, SYNC_TOKEN_EXPIRED, Envelope, EventId, WorkspaceKey
+from protocol.errors import ApiError
 
 TRANSPORT = "sse"
 WRITE_BATCH = 64
