@@ -14,9 +14,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null
     # policy-rc.d keeps the packages' own services from starting: the tests start their own.
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    made_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
     apt-get install -y -qq "${missing[@]}" >/dev/null
-    rm -f /usr/sbin/policy-rc.d
+    [ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
 fi
 
 redis_dir=$(mktemp -d)
