@@ -20,7 +20,7 @@ if [ ${#missing[@]} -gt 0 ]; then
         made_policy=1
     fi
     apt-get install -y -qq "${missing[@]}" >/dev/null
-    [ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+    if [ "$made_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 redis_dir=$(mktemp -d)
