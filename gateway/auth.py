@@ -8,6 +8,7 @@ permission is 403 with ``required_permission``.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Iterable
@@ -25,6 +26,9 @@ SYNC_READ: Final = "sync:read"
 PRESENCE_WRITE: Final = "presence:write"
 EVENTS_PUBLISH: Final = "events:publish"
 ALL_PERMISSIONS: Final = (SYNC_READ, PRESENCE_WRITE, EVENTS_PUBLISH)
+
+# What an organization or workspace id may be made of.
+ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9._~@+=-]{1,128}$")
 
 # Display data copied from the token into presence and event actors.
 DISPLAY_CLAIMS: Final = ("name", "email", "avatar_url")
@@ -47,10 +51,16 @@ class Identity:
         return {"type": self.kind, "id": self.user_id, **dict(self.display)}
 
     def authorize(self, workspace: WorkspaceKey, permission: str) -> None:
-        """Raise the reference's 404/403 unless this identity may do ``permission`` there."""
-        if workspace.org_id != self.org_id:
+        """Raise the reference's 404/403 unless this identity may do ``permission`` there.
+
+        Ids outside ``ID_PATTERN`` name nothing that can exist (404): they never reach a
+        backend key, so no id can alias another workspace's keys.
+        """
+        if workspace.org_id != self.org_id or not ID_PATTERN.match(workspace.org_id):
             raise not_found("organization", workspace.org_id)
-        if self.workspaces is not None and workspace.workspace_id not in self.workspaces:
+        if (self.workspaces is not None and workspace.workspace_id not in self.workspaces) or (
+            not ID_PATTERN.match(workspace.workspace_id)
+        ):
             raise not_found("workspace", workspace.workspace_id)
         if permission not in self.permissions:
             raise forbidden(permission)

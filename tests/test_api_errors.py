@@ -273,3 +273,22 @@ async def test_backend_down_is_503_and_not_ready(app_factory, settings, token):
     assert ready.status == 503
     assert (await ready.json())["details"] == {"reason": "backend_unavailable"}
     assert (await client.get("/healthz")).status == 200
+
+
+@pytest.mark.parametrize(("workspace", "kind"), [
+    ("a:b", "workspace"), ("a%20b", "workspace"), ("x" * 129, "workspace"),
+    ("a}b", "route"), ("{x}", "route"),  # the router itself refuses braces
+])
+async def test_workspace_ids_that_cannot_exist_are_404(client, token, workspace, kind):
+    response = await client.post(f"/v1/orgs/{ORG}/workspaces/{workspace}/sync/presence/join",
+                                 headers=auth(token(workspaces="*")))
+    assert response.status == 404
+    assert (await response.json())["details"]["resource_type"] == kind
+
+
+async def test_org_id_that_cannot_exist_is_404_even_if_the_token_names_it(client, token):
+    response = await client.post("/v1/orgs/a:b/workspaces/w/sync/presence/join",
+                                 headers=auth(token(org_id="a:b", workspaces="*")))
+    assert response.status == 404
+    assert (await response.json())["details"] == {"resource_type": "organization",
+                                                  "resource_id": "a:b"}
