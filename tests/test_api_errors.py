@@ -177,12 +177,16 @@ async def test_unknown_route_is_404_envelope(client):
 @pytest.mark.parametrize(("method", "path", "allowed"), [
     ("DELETE", f"{BASE}/presence/join", ["POST"]),
     ("GET", f"{BASE}/presence/leave", ["POST"]),
-    ("POST", f"{BASE}/stream", ["GET", "HEAD"]),
+    ("POST", f"{BASE}/stream", ["GET"]),
+    ("HEAD", f"{BASE}/stream", ["GET"]),
     ("PUT", f"{BASE}/events", ["POST"]),
 ])
 async def test_wrong_method_is_405_envelope(client, method, path, allowed):
     response = await client.request(method, path)
     assert response.status == 405
+    assert set(response.headers["Allow"].split(",")) == set(allowed)
+    if method == "HEAD":  # no body: a HEAD of the stream must not open one either
+        return
     body = await response.json()
     assert_envelope(body, "METHOD_NOT_ALLOWED", 405,
                     "The method is not allowed for the requested URL",
