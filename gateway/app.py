@@ -52,7 +52,7 @@ def create_app(
     )
     app.add_routes(
         [
-            web.get(f"{WORKSPACE}/sync/stream", sse.stream),
+            web.get(f"{WORKSPACE}/sync/stream", sse.stream, allow_head=False),
             web.post(f"{WORKSPACE}/sync/presence/join", rest.join),
             web.post(f"{WORKSPACE}/sync/presence/leave", rest.leave),
             web.post(f"{WORKSPACE}/sync/presence/viewing", rest.viewing),
