@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -14,7 +15,7 @@ from gateway.broker import Broker, broker_for
 from gateway.clock import Clock, SystemClock
 from gateway.config import Settings
 from gateway.core import Gateway
-from gateway.handlers import health, rest, sse
+from gateway.handlers import health, rest, sse, ws
 from gateway.handlers.common import GATEWAY
 from gateway.handlers.errors import error_middleware
 from gateway.hub import Hub
@@ -50,6 +51,7 @@ def create_app(
         verifier=TokenVerifier(settings, clock.now),
         metrics=Metrics(),
     )
+    app[ws.CONNECTIONS] = ws.Connections()
     app.add_routes(
         [
             web.get(f"{WORKSPACE}/sync/stream", sse.stream, allow_head=False),
@@ -62,6 +64,8 @@ def create_app(
             web.get("/healthz", health.healthz),
             web.get("/readyz", health.readyz),
             web.get("/metrics", health.metrics),
+            web.get("/v1/sync/ws", ws.socket),
+            web.get(f"{WORKSPACE}/sync/ws", ws.workspace_socket),
         ]
     )
     app.cleanup_ctx.extend([_backend, _sweeper, _feed_janitor])
@@ -70,10 +74,14 @@ def create_app(
 
 
 async def _backend(app: web.Application) -> AsyncIterator[None]:
+    """The backend, and re-assertion of what this node holds whenever the backend may have
+    lost it (heartbeat lapse, outage, data loss)."""
     gateway = app[GATEWAY]
+    gateway.broker.on_reassert(gateway.reassert)
     await gateway.broker.start()
     yield
     await gateway.hub.close()
+    await gateway.close()
     await gateway.broker.close()
 
 
@@ -118,8 +126,40 @@ async def _feed_janitor(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+DRAIN_NOT_READY_SECONDS = 1.0
+
+
+def drain_on_sigterm(app: web.Application) -> None:
+    """For ``serve``: SIGTERM drains first (``/readyz`` answers 503, every client is handed
+    back with a reconnect hint, presence kept for ``disconnect_grace``), and the graceful
+    shutdown follows ``DRAIN_NOT_READY_SECONDS`` later, so load balancers see the node go
+    unready while it still answers. (aiohttp alone would stop listening first.)"""
+
+    async def install(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+
+        def on_sigterm() -> None:
+            if app[GATEWAY].draining:
+                return
+            log.info("SIGTERM: draining, then shutting down")
+            task = asyncio.create_task(_drain(app))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            loop.call_later(DRAIN_NOT_READY_SECONDS, _graceful_exit)
+
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+
+    app.on_startup.append(install)
+
+
+def _graceful_exit() -> None:
+    raise web.GracefulExit()  # what aiohttp's own signal handler raises
+
+
 async def _drain(app: web.Application) -> None:
     """On shutdown: not ready any more; every stream is handed back with a reconnect hint."""
     gateway = app[GATEWAY]
     gateway.draining = True
     gateway.hub.close_all("drain")
+    app[ws.CONNECTIONS].close_all("drain")  # sockets with no subscription too

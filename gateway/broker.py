@@ -12,7 +12,7 @@ Implementations: ``broker_memory.MemoryBroker`` (one node, in process) and
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -82,6 +82,14 @@ class Broker(Protocol):
 
     async def take_ticket(self, ticket: str) -> dict[str, Any] | None:
         """The ticket's payload, once: a second take (or an expired ticket) gives None."""
+
+    def on_reassert(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Register what to call when this node's sessions in the backend may have been lost
+        or removed (its heartbeat lapsed, the backend came back, or lost its data); the
+        callback re-asserts what the node still holds (``presence.restore``)."""
+
+    async def bound_to_node(self) -> set[tuple[WorkspaceKey, str]]:
+        """The (workspace, user) pairs whose records hold sessions or streams of this node."""
 
 
 def broker_for(url: str | None, **kwargs: Any) -> Broker:

@@ -5,14 +5,21 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway.broker import HistoryGone, PresenceOutcome, Snapshot
 from gateway.clock import Clock, SystemClock
-from gateway.presence import PendingEvent, PresenceChange, UserRecord, prune, transition
+from gateway.presence import (
+    PendingEvent,
+    PresenceChange,
+    UserRecord,
+    bound_nodes,
+    prune,
+    transition,
+)
 from protocol.envelope import ZERO, EntryId, Envelope, EventId, WorkspaceKey
 from protocol.errors import format_timestamp
 
@@ -146,6 +153,8 @@ class MemoryBroker:
 
     async def tail(self, workspace: WorkspaceKey, after: EventId) -> AsyncIterator[list[Envelope]]:
         log = self._log(workspace)
+        if after.epoch != self.epoch:
+            raise HistoryGone(str(after))
         while True:
             appended = log.appended
             batch = self._after(log, after) if log.last > after.entry else []
@@ -177,3 +186,14 @@ class MemoryBroker:
         if item is None or item[0] <= self._clock.now():
             return None
         return item[1]
+
+    def on_reassert(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Nothing in process is ever lost behind this node's back: never called."""
+
+    async def bound_to_node(self) -> set[tuple[WorkspaceKey, str]]:
+        return {
+            (workspace, user_id)
+            for workspace, log in self._logs.items()
+            for user_id, record in log.records.items()
+            if self.node_id in bound_nodes(record)
+        }

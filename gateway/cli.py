@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -50,7 +51,7 @@ def _dev_banner(settings: Settings) -> str:
 
 
 def serve(settings: Settings) -> int:
-    from gateway.app import create_app
+    from gateway.app import create_app, drain_on_sigterm
 
     logs.configure(settings.log_level, settings.log_format)
     if not settings.has_verification_key:
@@ -63,6 +64,7 @@ def serve(settings: Settings) -> int:
                "backend": "redis" if settings.redis_url else "memory"},
     )
     app = create_app(settings)
+    drain_on_sigterm(app)
     from gateway.logs import AccessLogger
 
     web.run_app(
@@ -105,7 +107,32 @@ def build_parser() -> argparse.ArgumentParser:
     token_parser.add_argument("--name", help="display name copied into presence")
     token_parser.add_argument("--service", action="store_true", help="a backend service token")
     token_parser.add_argument("--jwt-secret", help="(env GATEWAY_JWT_SECRET)")
+
+    tail_parser = commands.add_parser("tail", help="print a workspace's live events, one per line")
+    tail_parser.add_argument("--url", default="http://127.0.0.1:8080",
+                             help="the gateway (default http://127.0.0.1:8080)")
+    tail_parser.add_argument("--org", required=True)
+    tail_parser.add_argument("--workspace", required=True)
+    tail_parser.add_argument("--token", help="a JWT with sync:read (env GATEWAY_TOKEN)")
+    tail_parser.add_argument("--since", help="an event id: first print every event after it")
     return parser
+
+
+def tail(args: argparse.Namespace) -> int:
+    from gateway.tail import tail as follow
+
+    token_value = args.token or os.environ.get("GATEWAY_TOKEN")
+    if not token_value:
+        print("tail: needs --token or GATEWAY_TOKEN", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(follow(args.url, args.org, args.workspace, token_value,
+                                  since=args.since))
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as exc:
+        print(f"tail: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(settings)
     if args.command == "token":
         return token(args)
+    if args.command == "tail":
+        return tail(args)
     return 2
 
 

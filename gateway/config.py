@@ -37,6 +37,17 @@ class Settings:
     max_event_bytes: int = 65_536
     send_buffer: int = 1_024
     sweep_interval: float = 1.0
+    # WebSocket channel: largest frame accepted (larger: close 1009), messages per second
+    # per connection (token bucket of ws_rate_burst), rejected messages tolerated before
+    # close 1008, seconds to authenticate, subscriptions per socket, seconds a closing
+    # handshake may take before the connection is cut.
+    ws_max_message_bytes: int = 131_072
+    ws_rate_limit: float = 50.0
+    ws_rate_burst: int = 100
+    ws_rate_strikes: int = 10
+    ws_auth_timeout: float = 5.0
+    ws_max_subscriptions: int = 100
+    ws_close_timeout: float = 5.0
     log_format: str = "json"
     log_level: str = "INFO"
     # Set by ``serve`` when no secret or key is configured: tokens are minted with a
@@ -51,10 +62,13 @@ class Settings:
         if self.jwt_algorithm != "HS256" and self.jwt_secret:
             raise ValueError(f"{self.jwt_algorithm} takes --jwt-public-key-file, not a secret")
         for name in ("presence_ttl", "disconnect_grace", "node_timeout", "keepalive",
-                     "ticket_ttl", "sweep_interval", "history_max_age"):
+                     "ticket_ttl", "sweep_interval", "history_max_age", "ws_rate_limit",
+                     "ws_auth_timeout", "ws_close_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("history_max_len", "max_event_bytes", "send_buffer"):
+        for name in ("history_max_len", "max_event_bytes", "send_buffer",
+                     "ws_max_message_bytes", "ws_rate_burst", "ws_rate_strikes",
+                     "ws_max_subscriptions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 

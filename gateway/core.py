@@ -7,8 +7,10 @@ returns, this node's snapshot shows the change.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gateway.auth import (
@@ -19,25 +21,29 @@ from gateway.auth import (
     TokenVerifier,
     new_ticket,
 )
-from gateway.broker import Broker, PresenceOutcome
+from gateway.broker import BackendUnavailable, Broker, PresenceOutcome
 from gateway.clock import Clock
 from gateway.config import Settings
+from gateway.holdings import Gate, LocalHoldings
 from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.presence import (
     PresenceChange,
     Resource,
+    Session,
     caller_view,
     rest_leave,
     rest_touch,
+    restore,
     session_join,
     session_leave,
+    session_linger,
     session_viewing,
     stream_closed,
     stream_opened,
 )
-from protocol.envelope import Envelope, WorkspaceKey
-from protocol.errors import authentication_failed
+from protocol.envelope import Envelope, WorkspaceKey, portability_problem
+from protocol.errors import ValidationFailed, authentication_failed
 
 
 @dataclass(slots=True)
@@ -49,6 +55,10 @@ class Gateway:
     verifier: TokenVerifier
     metrics: Metrics
     draining: bool = False
+    # What this node holds (streams, sockets), to re-assert it when the backend lost it.
+    holdings: LocalHoldings = field(default_factory=LocalHoldings)
+    gate: Gate = field(default_factory=Gate)
+    _reassert_task: asyncio.Task[None] | None = None
 
     @property
     def node_id(self) -> str:
@@ -95,9 +105,25 @@ class Gateway:
     # -- presence ---------------------------------------------------------------
 
     async def _change(
-        self, workspace: WorkspaceKey, identity: Identity, change: PresenceChange
+        self, workspace: WorkspaceKey, identity: Identity, change: PresenceChange,
+        *, held: Callable[[], None] | None = None, released: Callable[[], None] | None = None,
     ) -> PresenceOutcome:
-        outcome = await self.broker.change_presence(workspace, identity.user_id, change)
+        """Apply ``change``. ``held`` records what this node now holds (once the change is
+        made); ``released`` what it holds no more (whatever the outcome: a failed write is
+        corrected by a re-assertion, scheduled here)."""
+        async with self.gate.shared():
+            try:
+                outcome = await self.broker.change_presence(workspace, identity.user_id, change)
+            except BaseException:
+                if released is not None:
+                    released()
+                    self.reassert_soon()
+                raise
+            if held is not None:
+                held()
+            if released is not None:
+                released()
+            self.holdings.saw(workspace, identity.user_id, outcome.record)
         if outcome.events:
             feed = self.hub.existing_feed(workspace)
             if feed is not None:
@@ -123,31 +149,88 @@ class Gateway:
         self, identity: Identity, workspace: WorkspaceKey, session_id: str
     ) -> dict[str, Any]:
         change = session_join(identity.user_id, identity.actor, session_id, self.node_id)
-        return caller_view(identity.user_id, (await self._change(workspace, identity, change)).record)
+        outcome = await self._change(workspace, identity, change, held=lambda: (
+            self.holdings.session_held(workspace, identity.user_id, identity.actor, session_id)))
+        return caller_view(identity.user_id, outcome.record)
 
     async def session_viewing(
         self, identity: Identity, workspace: WorkspaceKey, session_id: str, resource: Resource
     ) -> dict[str, Any]:
         change = session_viewing(identity.user_id, identity.actor, session_id, self.node_id, resource)
-        return caller_view(identity.user_id, (await self._change(workspace, identity, change)).record)
+        outcome = await self._change(workspace, identity, change, held=lambda: (
+            self.holdings.session_held(workspace, identity.user_id, identity.actor, session_id,
+                                       resource)))
+        return caller_view(identity.user_id, outcome.record)
 
     async def session_leave(
         self, identity: Identity, workspace: WorkspaceKey, session_id: str, reason: str = "leave"
     ) -> dict[str, Any]:
-        outcome = await self._change(workspace, identity, session_leave(session_id, reason))
+        outcome = await self._change(
+            workspace, identity, session_leave(session_id, reason),
+            released=lambda: self.holdings.session_released(workspace, identity.user_id, session_id),
+        )
         return caller_view(identity.user_id, outcome.record)
 
+    async def session_linger(
+        self, identity: Identity, workspace: WorkspaceKey, session_id: str
+    ) -> None:
+        """Keep a draining socket's session for ``disconnect_grace`` (no leave/join flicker)."""
+        await self._change(
+            workspace, identity, session_linger(session_id, self.settings.disconnect_grace),
+            released=lambda: self.holdings.session_released(workspace, identity.user_id, session_id),
+        )
+
     async def stream_opened(self, identity: Identity, workspace: WorkspaceKey) -> None:
-        await self.broker.change_presence(
-            workspace, identity.user_id, stream_opened(identity.user_id, identity.actor, self.node_id)
+        await self._change(
+            workspace, identity, stream_opened(identity.user_id, identity.actor, self.node_id),
+            held=lambda: self.holdings.stream_opened(workspace, identity.user_id, identity.actor),
         )
 
     async def stream_closed(self, identity: Identity, workspace: WorkspaceKey) -> None:
-        with contextlib.suppress(Exception):  # the node's liveness record covers a failure here
-            await self.broker.change_presence(
-                workspace, identity.user_id,
-                stream_closed(self.node_id, self.settings.disconnect_grace),
+        with contextlib.suppress(BackendUnavailable):  # corrected by the re-assertion it schedules
+            await self._change(
+                workspace, identity, stream_closed(self.node_id, self.settings.disconnect_grace),
+                released=lambda: self.holdings.stream_closed(workspace, identity.user_id),
             )
+
+    async def reassert(self) -> None:
+        """Make the backend show exactly what this node holds: its open streams and sockets
+        (and the REST sessions those streams keep alive); bindings to this node that it no
+        longer holds are removed. Every difference is an event in the log, as any change.
+        Called after a heartbeat lapse, a backend outage or data loss, and after a failed
+        release. Raises ``BackendUnavailable`` (the caller retries)."""
+        async with self.gate.exclusive():
+            pairs = self.holdings.keys() | await self.broker.bound_to_node()
+            for workspace, user_id in sorted(pairs, key=lambda pair: (str(pair[0]), pair[1])):
+                holding = self.holdings.get(workspace, user_id)
+                actor = holding.actor if holding is not None else {"type": "user", "id": user_id}
+                held = holding.held if holding is not None else _holds_nothing
+                await self.broker.change_presence(
+                    workspace, user_id, restore(user_id, actor, self.node_id, held)
+                )
+
+    def reassert_soon(self) -> None:
+        """Re-assert in the background, retrying with capped backoff until it succeeds."""
+        if self._reassert_task is None or self._reassert_task.done():
+            self._reassert_task = asyncio.create_task(self._reassert_until_done(),
+                                                      name="presence re-assert")
+
+    async def _reassert_until_done(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self.reassert()
+                return
+            except BackendUnavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def close(self) -> None:
+        task, self._reassert_task = self._reassert_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def presence(
         self, workspace: WorkspaceKey, resource: Resource | None = None
@@ -161,9 +244,19 @@ class Gateway:
         self, identity: Identity, workspace: WorkspaceKey, event_type: str, data: dict[str, Any]
     ) -> Envelope:
         identity.authorize(workspace, EVENTS_PUBLISH)
+        problem = portability_problem(data)
+        if problem is not None:  # e.g. NaN or a 100-digit integer: msgpack clients could not get it
+            path, why = problem
+            raise ValidationFailed(({"loc": ["body", "data", *path], "msg": f"Value error, {why}",
+                                     "type": "value_error", "input": None,
+                                     "ctx": {"error": why}},))
         envelope = await self.broker.append(workspace, event_type, identity.actor, data)
         self.metrics.events_published.inc()
         return envelope
+
+
+def _holds_nothing() -> tuple[int, Mapping[str, Resource | None], Session | None]:
+    return 0, {}, None
 
 
 __all__ = ["Gateway", "PRESENCE_WRITE", "SYNC_READ", "EVENTS_PUBLISH"]

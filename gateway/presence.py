@@ -18,7 +18,7 @@ never while the user holds an open SSE stream to the workspace on any node, and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -217,6 +217,21 @@ def session_leave(session_id: str, reason: str = "leave") -> PresenceChange:
     return PresenceChange(apply, reason)
 
 
+def session_linger(session_id: str, grace: float) -> PresenceChange:
+    """A WebSocket session whose node drains: it ends ``grace`` seconds from now (``prune``
+    removes it), so a client that reconnects elsewhere meanwhile causes no left/joined."""
+
+    def apply(record: UserRecord | None, now: float) -> UserRecord | None:
+        if record is None:
+            return None
+        current = record.session(session_id)
+        if current is None:
+            return record
+        return record.with_session(replace(current, expires_at=now + grace))
+
+    return PresenceChange(apply, "disconnected")
+
+
 def _set_streams(record: UserRecord, node_id: str, delta: int, now: float, grace: float) -> UserRecord:
     counts = dict(record.streams)
     counts[node_id] = max(0, counts.get(node_id, 0) + delta)
@@ -279,6 +294,71 @@ def node_gone(node_id: str, grace: float) -> PresenceChange:
         return _normalise(record)
 
     return PresenceChange(apply, "node_down")
+
+
+def node_reaped(node_id: str) -> PresenceChange:
+    """Peers remove a node that stopped heartbeating ``node_timeout`` ago: ``node_gone``, and
+    the REST sessions only its streams kept alive end now (``node_timeout`` was their
+    grace: a client that reconnected elsewhere meanwhile holds a stream there)."""
+    gone, pruned = node_gone(node_id, 0.0), prune()
+
+    def apply(record: UserRecord | None, now: float) -> UserRecord | None:
+        return pruned.apply(gone.apply(record, now), now)
+
+    return PresenceChange(apply, "node_down")
+
+
+def restore(
+    user_id: str,
+    actor: dict[str, Any],
+    node_id: str,
+    held: Callable[[], tuple[int, Mapping[str, Resource | None], Session | None]],
+) -> PresenceChange:
+    """Make the record show what ``node_id`` holds now (idempotent; used to re-assert).
+
+    ``held()`` is read when the change is applied and gives: the number of the user's
+    SSE streams open on the node, its WebSocket sessions there (id -> what each views),
+    and the REST session the node last saw. Afterwards the record has exactly that
+    many streams on the node; every listed session, added back if missing; no other
+    session bound to the node (those are stale); and, if the record lost it while the
+    user still has a stream open on the node (which keeps it alive), the REST session.
+    A REST session without such a stream is a lease its client renews: never restored,
+    so a leave made through another node is never undone.
+    """
+
+    def apply(record: UserRecord | None, now: float) -> UserRecord | None:
+        streams, sessions, rest = held()
+        if record is None:
+            record = _new_record(user_id, actor, now)
+        elif not record.sessions:
+            record = replace(record, actor=actor, joined_at=now)
+        counts = dict(record.streams)
+        counts.pop(node_id, None)
+        if streams > 0:
+            counts[node_id] = streams
+        record = replace(record, streams=tuple(counts.items()))
+        record = record.without_sessions(
+            lambda s: not (s.node_id == node_id and s.expires_at is None and s.id not in sessions)
+        )
+        for session_id, viewing in sessions.items():
+            if record.session(session_id) is None:
+                record = record.with_session(
+                    Session(session_id, node_id, viewing, now if viewing else 0.0)
+                )
+        if rest is not None and streams > 0 and record.session(REST_SESSION) is None:
+            record = record.with_session(rest)
+        return _normalise(record)
+
+    return PresenceChange(apply, "expired")
+
+
+def bound_nodes(record: UserRecord | None) -> frozenset[str]:
+    """The nodes whose death would change ``record``: its untimed sessions' and open streams'."""
+    if record is None:
+        return frozenset()
+    nodes = {s.node_id for s in record.sessions if s.expires_at is None}
+    nodes.update(node for node, count in record.streams if count > 0)
+    return frozenset(nodes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -129,3 +129,44 @@ class Envelope:
     @property
     def workspace(self) -> WorkspaceKey:
         return WorkspaceKey(self.org_id, self.workspace_id)
+
+
+# Limits on event data (and on every WebSocket message) so that any value accepted
+# can be encoded by every codec: JSON text and msgpack.
+MAX_DEPTH: Final = 32
+_INT_RANGE: Final = (-(2**63), 2**64 - 1)
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def portability_problem(value: Any) -> tuple[tuple[str | int, ...], str] | None:
+    """Where and why ``value`` cannot travel as both JSON and msgpack, or None if it can.
+
+    Allowed: objects with string keys, arrays, strings (no lone surrogates), booleans,
+    null, finite floats, integers in the 64-bit range; nested at most ``MAX_DEPTH`` deep.
+    """
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), value)]
+    while stack:
+        path, item = stack.pop()
+        if len(path) > MAX_DEPTH:
+            return path, f"nested deeper than {MAX_DEPTH} levels"
+        if item is None or isinstance(item, bool):
+            continue
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return path, "strings must be valid Unicode (no lone surrogates)"
+        elif isinstance(item, int):
+            if not _INT_RANGE[0] <= item <= _INT_RANGE[1]:
+                return path, "integers must fit in 64 bits"
+        elif isinstance(item, float):
+            if item != item or item in (float("inf"), float("-inf")):
+                return path, "numbers must be finite"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str) or _SURROGATE.search(key):
+                    return path, "object keys must be strings"
+                stack.append(((*path, key), child))
+        elif isinstance(item, list):
+            stack.extend(((*path, index), child) for index, child in enumerate(item))
+        else:
+            return path, f"unsupported value of type {type(item).__name__}"
+    return None

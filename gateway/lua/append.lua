@@ -1,0 +1,34 @@
+-- append.lua: append published events to a workspace log (creating its epoch if the log is new).
+--
+-- KEYS[1]  epoch key          <prefix>:{<org>:<ws>}:epoch
+-- KEYS[2]  log stream         <prefix>:{<org>:<ws>}:log
+-- ARGV[1]  epoch to create when the workspace has none
+-- ARGV[2]  the node's clock, ms (entry ids are <ms>-<seq>; never below the stream's top id)
+-- ARGV[3]  retention by count: XADD MAXLEN ~ ARGV[3]
+-- ARGV[4]  retention by age: XTRIM MINID ~ ARGV[4]
+-- ARGV[5..] the entries, 8 values each: field/value pairs
+--          "type" <type> "actor" <JSON object> "data" <JSON object> "node" <node id>
+-- Returns {epoch, id, ...}: the epoch and one entry id per appended entry.
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
+end
+local result = {epoch}
+local fields = {}
+for i = 5, #ARGV do
+  fields[#fields + 1] = ARGV[i]
+  if #fields == 8 then
+    -- An explicit <ms>-* keeps ids on the nodes' clock; Redis refuses it when the stream's
+    -- top id is newer (another node's clock is ahead), and then '*' continues after the top.
+    local ok, id = pcall(redis.call, 'XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], ARGV[2] .. '-*',
+                         unpack(fields))
+    if not ok then
+      id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
+    end
+    result[#result + 1] = id
+    fields = {}
+  end
+end
+redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[4])
+return result

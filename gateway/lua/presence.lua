@@ -1,0 +1,69 @@
+-- presence.lua: compare-and-set one user's presence record and append the events of the
+-- transition, as one atomic step. The transition itself is computed by the caller
+-- (gateway/presence.py, pure); this script only refuses to apply it if the record or the
+-- epoch changed since the caller read them.
+--
+-- KEYS[1]  epoch key          <prefix>:{<org>:<ws>}:epoch
+-- KEYS[2]  records hash       <prefix>:{<org>:<ws>}:presence    user id -> record JSON
+-- KEYS[3]  log stream         <prefix>:{<org>:<ws>}:log
+-- KEYS[4]  expiry zset        <prefix>:{<org>:<ws>}:expiry      user id -> next expiry (s)
+-- KEYS[5..] bound sets        <prefix>:{<org>:<ws>}:bound:<node> users bound to that node
+-- ARGV[1]  expected epoch ("" = none yet)
+-- ARGV[2]  epoch to create when there is none
+-- ARGV[3]  user id
+-- ARGV[4]  expected record JSON, byte for byte ("" = no record)
+-- ARGV[5]  new record JSON ("" = delete the record)
+-- ARGV[6]  new next expiry in seconds ("" = none)
+-- ARGV[7]  the node's clock, ms          ARGV[8] XADD MAXLEN ~      ARGV[9] XTRIM MINID ~
+-- ARGV[10] n: how many bound sets follow in KEYS[5..4+n]
+-- ARGV[11..10+n] "+" (add the user to KEYS[4+i]) or "-" (remove the user from it)
+-- ARGV[11+n..] the events, 8 values each, as in append.lua
+-- Returns {"ok", epoch, id, ...} or {"conflict"}.
+local epoch = redis.call('GET', KEYS[1])
+if (epoch or '') ~= ARGV[1] then
+  return {'conflict'}
+end
+local current = redis.call('HGET', KEYS[2], ARGV[3])
+if (current or '') ~= ARGV[4] then
+  return {'conflict'}
+end
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('SET', KEYS[1], epoch)
+end
+if ARGV[5] == '' then
+  redis.call('HDEL', KEYS[2], ARGV[3])
+else
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
+end
+if ARGV[6] == '' then
+  redis.call('ZREM', KEYS[4], ARGV[3])
+else
+  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[3])
+end
+local n = tonumber(ARGV[10])
+for i = 1, n do
+  if ARGV[10 + i] == '+' then
+    redis.call('SADD', KEYS[4 + i], ARGV[3])
+  else
+    redis.call('SREM', KEYS[4 + i], ARGV[3])
+  end
+end
+local result = {'ok', epoch}
+local fields = {}
+for i = 11 + n, #ARGV do
+  fields[#fields + 1] = ARGV[i]
+  if #fields == 8 then
+    local ok, id = pcall(redis.call, 'XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], ARGV[7] .. '-*',
+                         unpack(fields))
+    if not ok then
+      id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', unpack(fields))
+    end
+    result[#result + 1] = id
+    fields = {}
+  end
+end
+if #result > 2 then
+  redis.call('XTRIM', KEYS[3], 'MINID', '~', ARGV[9])
+end
+return result

@@ -1,0 +1,184 @@
+"""Slow readers cannot grow the node's memory: a real gateway process, clients that stop
+reading, ~100 MB of events pushed at them, and the process's RSS read from /proc.
+
+Run alone to see the numbers: ``.venv/bin/python -m pytest tests/test_ws_memory.py -q -s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.auth import mint_token
+from protocol.codecs import JSON
+from tests.conftest import ORG, SECRET, WORKSPACE
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENT_BYTES = 32 * 1024
+WARM_UP = 300
+EVENTS = 3_000  # 3000 x 32 KiB = ~96 MiB offered to every slow reader
+SLOW_READERS = 3
+BATCH = 25
+GROWTH_LIMIT_MB = 40
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def small_receive_buffer(addr_info: Any) -> socket.socket:
+    family, kind, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=kind, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return sock
+
+
+BOUNDED = 64
+UNBOUNDED = 1_000_000
+
+
+@pytest.fixture(params=[BOUNDED, UNBOUNDED], ids=["send_buffer_64", "control_unbounded"])
+def send_buffer(request: pytest.FixtureRequest) -> int:
+    return int(request.param)
+
+
+@pytest.fixture
+async def node(send_buffer: int) -> AsyncIterator[tuple[str, int]]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--jwt-secret", SECRET, "--node-id", "memory-test", "--send-buffer", str(send_buffer),
+         "--history-max-len", "100", "--ws-rate-limit", "100000", "--ws-rate-burst", "100000",
+         "--keepalive", "60", "--log-level", "WARNING"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 15
+            while True:
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                try:
+                    async with session.get(f"{url}/healthz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, "gateway did not start"
+                await asyncio.sleep(0.1)
+        yield url, process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def subscribe_frame() -> str:
+    return JSON.encode({"op": "subscribe", "org_id": ORG, "workspace_id": WORKSPACE,
+                        "ref": "s"}).decode()
+
+
+async def slow_consumer_disconnects(session: aiohttp.ClientSession, url: str) -> float:
+    async with session.get(f"{url}/metrics") as response:
+        for line in (await response.text()).splitlines():
+            if line.startswith('gateway_slow_consumer_disconnects_total{transport="ws"}'):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_slow_readers_do_not_grow_the_node_memory(node: tuple[str, int],
+                                                        send_buffer: int) -> None:
+    url, pid = node
+    token = mint_token(SECRET, sub="load", org_id=ORG, workspaces=[WORKSPACE], ttl=3600)
+    headers = {"Authorization": f"Bearer {token}"}
+    socket_url = f"{url}/v1/sync/ws"
+    pad = "x" * EVENT_BYTES
+
+    async with aiohttp.ClientSession() as session, aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer)
+    ) as slow_session:
+        publisher = await session.ws_connect(socket_url, headers=headers)
+        healthy = await session.ws_connect(socket_url, headers=headers, max_msg_size=0)
+        await healthy.send_str(subscribe_frame())
+        received = 0
+
+        async def read_healthy() -> None:
+            nonlocal received
+            async for message in healthy:
+                if JSON.decode(message.data.encode())["op"] == "event":
+                    received += 1
+
+        reader = asyncio.create_task(read_healthy())
+        sent = 0
+
+        async def publish(count: int) -> None:
+            nonlocal sent
+            for start in range(0, count, BATCH):
+                size = min(BATCH, count - start)
+                for n in range(size):
+                    await publisher.send_str(JSON.encode({
+                        "op": "publish", "org_id": ORG, "workspace_id": WORKSPACE,
+                        "type": "load.chunk", "ref": sent + n, "data": {"n": sent + n, "pad": pad},
+                    }).decode())
+                for _ in range(size):
+                    answer = JSON.decode((await publisher.receive(timeout=10)).data.encode())
+                    assert answer["op"] == "reply", answer
+                sent += size
+                samples.append(rss_mb(pid))
+
+        samples: list[float] = []
+        await publish(WARM_UP)  # history and allocator at their steady state
+        baseline = rss_mb(pid)
+        samples.clear()
+
+        slow = []
+        for _ in range(SLOW_READERS):  # subscribe, then never read again
+            ws = await slow_session.ws_connect(socket_url, headers=headers, max_msg_size=0)
+            await ws.send_str(subscribe_frame())
+            slow.append(ws)
+        started = time.monotonic()
+        await publish(EVENTS)
+        elapsed = time.monotonic() - started
+        peak = max(samples)
+
+        async with asyncio.timeout(20):
+            while received < WARM_UP + EVENTS + 1:  # noqa: ASYNC110 (a counter the reader task fills)
+                await asyncio.sleep(0.05)
+        cut = await slow_consumer_disconnects(session, url)
+        reader.cancel()
+
+    offered_mb = EVENTS * EVENT_BYTES / 2**20
+    print(f"\nsend_buffer={send_buffer}: baseline RSS {baseline:.1f} MB, peak {peak:.1f} MB "
+          f"(+{peak - baseline:.1f} MB) while {SLOW_READERS} clients that stopped reading were "
+          f"offered {offered_mb:.0f} MB each; {EVENTS} events in {elapsed:.1f} s; "
+          f"slow consumers cut: {cut:.0f}")
+    assert received == WARM_UP + EVENTS + 1  # the healthy reader got everything (+snapshot)
+    if send_buffer == BOUNDED:
+        assert cut == SLOW_READERS  # each slow reader was closed ...
+        assert peak - baseline < GROWTH_LIMIT_MB, (baseline, peak)
+    else:  # the control: the same measurement does see memory pinned by slow readers
+        assert cut == 0
+        assert peak - baseline > GROWTH_LIMIT_MB, (baseline, peak)
