@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from gateway.auth import TokenVerifier
-from gateway.broker import Broker, broker_for
+from gateway.broker import Broker, broker_from_settings
 from gateway.clock import Clock, SystemClock
 from gateway.config import Settings
 from gateway.core import Gateway
@@ -31,15 +31,7 @@ def create_app(
 ) -> web.Application:
     """The gateway as an aiohttp application. ``clock`` and ``broker`` are for tests."""
     clock = clock or SystemClock()
-    broker = broker or broker_for(
-        settings.redis_url,
-        node_id=settings.node_id,
-        clock=clock,
-        history_max_len=settings.history_max_len,
-        history_max_age=settings.history_max_age,
-        node_timeout=settings.node_timeout,
-        disconnect_grace=settings.disconnect_grace,
-    )
+    broker = broker or broker_from_settings(settings, clock)
     app = web.Application(
         middlewares=[error_middleware], client_max_size=settings.max_event_bytes + 4096
     )

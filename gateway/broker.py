@@ -14,10 +14,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.presence import PresenceChange, UserRecord
 from protocol.envelope import Envelope, EventId, WorkspaceKey
+
+if TYPE_CHECKING:
+    from gateway.clock import Clock
+    from gateway.config import Settings
 
 
 class HistoryGone(Exception):
@@ -103,3 +107,17 @@ def broker_for(url: str | None, **kwargs: Any) -> Broker:
 
         return RedisBroker(url, **kwargs)
     raise ValueError("unsupported backend URL scheme (use redis:// or memory://)")
+
+
+def broker_from_settings(settings: Settings, clock: Clock) -> Broker:
+    """The backend ``settings`` configure (``redis_url``; embedded when unset)."""
+    return broker_for(
+        settings.redis_url,
+        node_id=settings.node_id,
+        clock=clock,
+        history_max_len=settings.history_max_len,
+        history_max_age=settings.history_max_age,
+        node_timeout=settings.node_timeout,
+        disconnect_grace=settings.disconnect_grace,
+        key_prefix=settings.redis_key_prefix,
+    )

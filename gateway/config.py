@@ -18,6 +18,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     redis_url: str | None = None
+    # Every key this gateway writes starts with it: several deployments can share one Redis.
+    redis_key_prefix: str = "gw"
     node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{secrets.token_hex(3)}")
     jwt_secret: str | None = None
     jwt_public_key_file: str | None = None

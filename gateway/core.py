@@ -259,4 +259,4 @@ def _holds_nothing() -> tuple[int, Mapping[str, Resource | None], Session | None
     return 0, {}, None
 
 
-__all__ = ["Gateway", "PRESENCE_WRITE", "SYNC_READ", "EVENTS_PUBLISH"]
+__all__ = ["EVENTS_PUBLISH", "PRESENCE_WRITE", "SYNC_READ", "Gateway"]

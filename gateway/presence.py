@@ -409,7 +409,7 @@ class Replica:
         if envelope.type in (PRESENCE_JOINED, PRESENCE_VIEWING):
             self.members[envelope.data["user_id"]] = envelope.data
         elif envelope.type == PRESENCE_LEFT:
-            self.members.pop(envelope.data.get("user_id"), None)
+            self.members.pop(str(envelope.data.get("user_id")), None)
         self.position = EventId.parse(envelope.id)
 
     def snapshot(self, resource: Resource | None = None) -> dict[str, Any]:

@@ -12,11 +12,12 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Annotated, Any, ClassVar, Final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from protocol.codecs import JSON, MSGPACK, Codec
-from protocol.envelope import RESERVED_PREFIXES, WorkspaceKey, portability_problem
+from protocol.envelope import WorkspaceKey, portability_problem
 from protocol.errors import ValidationFailed
+from protocol.fields import EventType, Name
 
 SUBPROTOCOL_JSON: Final = "mm-sync.v1.json"
 SUBPROTOCOL_MSGPACK: Final = "mm-sync.v1.msgpack"
@@ -40,7 +41,6 @@ class CloseCode(IntEnum):
     UNAUTHENTICATED = 4401  # no valid auth in time, a bad token, or the token expired
 
 
-Name = Annotated[str, Field(min_length=1, max_length=256)]
 Ref = Annotated[str, Field(max_length=128)] | Annotated[int, Field(ge=-(2**53), le=2**53)] | None
 
 
@@ -92,15 +92,8 @@ class Viewing(_OnWorkspace):
 
 class Publish(_OnWorkspace):
     op: ClassVar[str] = "publish"
-    type: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]
+    type: EventType
     data: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("type")
-    @classmethod
-    def _not_reserved(cls, value: str) -> str:
-        if value.startswith(RESERVED_PREFIXES):
-            raise ValueError("event types in the presence. and sync. families are reserved")
-        return value
 
 
 class Ping(ClientMessage):

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
 from gateway.auth import ALL_PERMISSIONS, mint_token
-from gateway.broker import Broker, broker_for
+from gateway.broker import Broker, broker_from_settings
 from gateway.clock import ManualClock
 from gateway.config import Settings
 
@@ -86,16 +86,8 @@ def auth(token: str) -> dict[str, str]:
 
 def make_broker(name: str, settings: Settings, clock: ManualClock) -> Broker:
     url = None if name == "memory" else redis_url()
-    return broker_for(
-        url,
-        node_id=settings.node_id,
-        clock=clock,
-        history_max_len=settings.history_max_len,
-        history_max_age=settings.history_max_age,
-        node_timeout=settings.node_timeout,
-        disconnect_grace=settings.disconnect_grace,
-        key_prefix=f"test-{secrets.token_hex(6)}",
-    )
+    isolated = replace(settings, redis_url=url, redis_key_prefix=f"test-{secrets.token_hex(6)}")
+    return broker_from_settings(isolated, clock)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.envelope import RESERVED_PREFIXES
-
-Name = Annotated[str, Field(min_length=1, max_length=256)]
+from protocol.fields import EventType, Name
 
 
 class StreamQuery(BaseModel):
@@ -36,12 +34,5 @@ class PresenceQuery(BaseModel):
 class PublishBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]
+    type: EventType
     data: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("type")
-    @classmethod
-    def _not_reserved(cls, value: str) -> str:
-        if value.startswith(RESERVED_PREFIXES):
-            raise ValueError("event types in the presence. and sync. families are reserved")
-        return value
