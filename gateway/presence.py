@@ -95,10 +95,13 @@ class UserRecord:
 
     def next_expiry(self) -> float | None:
         """When ``prune`` may next change this record (None: not by time alone)."""
-        if self.stream_count:
-            return None
-        times = [s.expires_at for s in self.sessions if s.expires_at is not None]
+        times = [s.expires_at for s in self.sessions
+                 if s.expires_at is not None and not self._kept_alive(s)]
         return min(times) if times else None
+
+    def _kept_alive(self, session: Session) -> bool:
+        """An open SSE stream keeps the user's REST session (and only it) from expiring."""
+        return session.id == REST_SESSION and self.stream_count > 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -266,14 +269,16 @@ def stream_closed(node_id: str, grace: float) -> PresenceChange:
 
 
 def prune() -> PresenceChange:
-    """Drop REST sessions whose time is up (never while the user holds a stream)."""
+    """Drop sessions whose time is up: REST sessions (never while the user holds a stream)
+    and lingering sessions of drained sockets."""
 
     def apply(record: UserRecord | None, now: float) -> UserRecord | None:
-        if record is None or record.stream_count:
-            return record
-        return _normalise(
-            record.without_sessions(lambda s: s.expires_at is None or s.expires_at > now)
-        )
+        if record is None:
+            return None
+        current = record
+        return _normalise(record.without_sessions(
+            lambda s: s.expires_at is None or s.expires_at > now or current._kept_alive(s)
+        ))
 
     return PresenceChange(apply, "expired")
 

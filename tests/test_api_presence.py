@@ -252,3 +252,22 @@ async def test_health_endpoints(client):
     assert ready.status == 200 and (await ready.json())["status"] == "ready"
     metrics = await client.get("/metrics")
     assert "gateway_connections" in await metrics.text()
+
+
+async def test_a_lingering_socket_session_expires_even_while_the_user_streams(client, token, clock):
+    """A drained socket's session is kept for the grace only; an SSE stream of the same user
+    keeps the REST session alive, not that one."""
+    gateway = client.app[GATEWAY]
+    alice = gateway.verifier.verify(token("alice"))
+    _, observer = await watch(client, token)
+    mine = await client.get(f"{BASE}/stream", headers=auth(token("alice")))
+    await SSEReader(mine).next()
+    await gateway.session_join(alice, KEY, "tab-1")
+    assert (await observer.next()).event == "presence.joined"
+    await gateway.session_linger(alice, KEY, "tab-1")  # its node drains
+    clock.advance(4)
+    await no_event(observer, client, token)
+    clock.advance(2)
+    left = await next_presence(observer)
+    assert left.envelope["data"] == {"user_id": "alice", "reason": "expired"}
+    mine.close()
