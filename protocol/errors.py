@@ -20,6 +20,7 @@ _CATALOGUE: dict[str, tuple[int, str]] = {
     "RESOURCE_NOT_FOUND": (404, "The requested resource was not found"),
     "METHOD_NOT_ALLOWED": (405, "The method is not allowed for the requested URL"),
     "PAYLOAD_TOO_LARGE": (413, "The request payload is too large"),
+    "UPGRADE_REQUIRED": (426, "This endpoint speaks WebSocket only"),
     "RATE_LIMITED": (429, "Too many requests"),
     "INTERNAL_SERVER_ERROR": (500, "An unexpected error occurred"),
     "SERVICE_UNAVAILABLE": (503, "The service is temporarily unavailable"),

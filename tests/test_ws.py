@@ -653,3 +653,14 @@ async def test_drain_closes_1012_and_keeps_presence_for_the_grace(
     await again.close()
     await asyncio.sleep(0.05)
     assert await members() == []
+
+
+@pytest.mark.parametrize("path", ["/v1/sync/ws", "/v1/orgs/org-1/workspaces/ws-1/sync/ws"])
+async def test_plain_get_without_upgrade_is_426_envelope(client: TestClient, path: str) -> None:
+    response = await client.get(path)
+    assert response.status == 426
+    assert response.headers["Upgrade"] == "websocket"
+    body = await response.json()
+    assert body["error"] == "UPGRADE_REQUIRED"
+    assert body["details"] == {"upgrade": "websocket"}
+    assert body["status_code"] == 426

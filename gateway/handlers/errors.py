@@ -42,6 +42,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = json_response(exc.body(), status=exc.status)
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = _challenge(exc.hint)
+        elif exc.status == 426:
+            response.headers["Upgrade"] = "websocket"
         return response
     except ValidationFailed as exc:
         return json_response(exc.body(), status=exc.status)

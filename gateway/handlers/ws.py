@@ -122,6 +122,8 @@ async def workspace_socket(request: web.Request) -> web.StreamResponse:
 async def _serve(request: web.Request, workspace: WorkspaceKey | None) -> web.StreamResponse:
     gateway = gateway_of(request)
     settings = gateway.settings
+    if not web.WebSocketResponse().can_prepare(request).ok:
+        raise ApiError("UPGRADE_REQUIRED", {"upgrade": "websocket"})
     check_origin(request.headers.getall("Origin", []), settings.allowed_origins)
     header = request.headers.get("Authorization")
     identity = gateway.verifier.verify(bearer_token(header)) if header is not None else None
