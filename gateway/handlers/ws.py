@@ -122,13 +122,6 @@ async def workspace_socket(request: web.Request) -> web.StreamResponse:
 async def _serve(request: web.Request, workspace: WorkspaceKey | None) -> web.StreamResponse:
     gateway = gateway_of(request)
     settings = gateway.settings
-    if not web.WebSocketResponse().can_prepare(request).ok:
-        raise ApiError("UPGRADE_REQUIRED", {"upgrade": "websocket"})
-    check_origin(request.headers.getall("Origin", []), settings.allowed_origins)
-    header = request.headers.get("Authorization")
-    identity = gateway.verifier.verify(bearer_token(header)) if header is not None else None
-    if gateway.draining:
-        raise ApiError("SERVICE_UNAVAILABLE", {"reason": "draining"})
     ws = web.WebSocketResponse(
         protocols=SUBPROTOCOLS,
         heartbeat=settings.keepalive,
@@ -136,6 +129,13 @@ async def _serve(request: web.Request, workspace: WorkspaceKey | None) -> web.St
         compress=False,  # events are encoded once and the same bytes go to every socket
         timeout=settings.ws_close_timeout,
     )
+    if not ws.can_prepare(request).ok:
+        raise ApiError("UPGRADE_REQUIRED", {"upgrade": "websocket"})
+    check_origin(request.headers.getall("Origin", []), settings.allowed_origins)
+    header = request.headers.get("Authorization")
+    identity = gateway.verifier.verify(bearer_token(header)) if header is not None else None
+    if gateway.draining:
+        raise ApiError("SERVICE_UNAVAILABLE", {"reason": "draining"})
     await ws.prepare(request)
     connection = Connection(gateway, request, ws, identity)
     registry = request.app[CONNECTIONS]
