@@ -27,6 +27,7 @@ class MsgpackSocket:
         self.events: list[dict[str, Any]] = []
         self.replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.closed_with: int | None = None
+        self._changed = asyncio.Condition()
         self._task = asyncio.create_task(self._read())
 
     @classmethod
@@ -45,7 +46,15 @@ class MsgpackSocket:
                 self.events.append(decoded["event"])
             else:
                 await self.replies.put(decoded)
+            async with self._changed:
+                self._changed.notify_all()
         self.closed_with = self.ws.close_code
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, predicate: Any, timeout: float) -> None:
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: predicate(self))
 
     async def ask(self, **message: Any) -> dict[str, Any]:
         await self.ws.send_bytes(msgpack.packb({"ref": 1, **message}))
@@ -54,12 +63,6 @@ class MsgpackSocket:
     async def close(self) -> None:
         await self.ws.close()
         self._task.cancel()
-
-
-async def wait_until(check: Any, timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.02)
 
 
 async def test_a_websocket_on_one_node_and_sse_on_another_see_identical_envelopes(
@@ -86,7 +89,7 @@ async def test_a_websocket_on_one_node_and_sse_on_another_see_identical_envelope
     def logged(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [e for e in events if not e["type"].startswith("sync.")]
 
-    await wait_until(lambda: len(logged(socket.events)) >= 5, 5)
+    await socket.wait_for(lambda s: len(logged(s.events)) >= 5, 5)
     await sse.wait_for(lambda s: len(logged([e.data or {"type": "sync."} for e in s.events])) >= 5, 5)
     from_ws = logged(socket.events)
     assert [e["type"] for e in from_ws] == [
@@ -109,7 +112,7 @@ async def test_a_drained_websocket_moves_to_another_node_without_flicker(
     await watcher.wait_for(lambda s: ("presence.joined", "u1") in s.presence(), 5)
 
     b.signal(signal.SIGTERM)
-    await wait_until(lambda: on_b.closed_with is not None, 10)
+    await on_b.wait_for(lambda s: s.closed_with is not None, 10)
     assert on_b.closed_with == 1012  # "service restart": reconnect elsewhere
     on_a = await MsgpackSocket.connect(session, a.url, "u1")
     assert (await on_a.ask(op="join", **where))["op"] == "reply"
