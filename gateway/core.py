@@ -60,6 +60,10 @@ class Gateway:
     gate: Gate = field(default_factory=Gate)
     _reassert_task: asyncio.Task[None] | None = None
 
+    def __post_init__(self) -> None:
+        self.metrics.presence_members.set_function(self.hub.member_count)
+        self.metrics.presence_sessions.set_function(lambda: len(self.holdings))
+
     @property
     def node_id(self) -> str:
         return self.settings.node_id
@@ -113,7 +117,8 @@ class Gateway:
         corrected by a re-assertion, scheduled here)."""
         async with self.gate.shared():
             try:
-                outcome = await self.broker.change_presence(workspace, identity.user_id, change)
+                with self.metrics.backend_latency.labels("presence").time():
+                    outcome = await self.broker.change_presence(workspace, identity.user_id, change)
             except BaseException:
                 if released is not None:
                     released()
@@ -250,7 +255,8 @@ class Gateway:
             raise ValidationFailed(({"loc": ["body", "data", *path], "msg": f"Value error, {why}",
                                      "type": "value_error", "input": None,
                                      "ctx": {"error": why}},))
-        envelope = await self.broker.append(workspace, event_type, identity.actor, data)
+        with self.metrics.backend_latency.labels("append").time():
+            envelope = await self.broker.append(workspace, event_type, identity.actor, data)
         self.metrics.events_published.inc()
         return envelope
 

@@ -263,6 +263,10 @@ class Hub:
     def existing_feed(self, workspace: WorkspaceKey) -> Feed | None:
         return self._feeds.get(workspace)
 
+    def member_count(self) -> int:
+        """Members of every workspace this node follows (its replicas)."""
+        return sum(len(feed.replica.members) for feed in self._feeds.values())
+
     def outboxes(self) -> list[Outbox]:
         return [outbox for feed in self._feeds.values() for outbox in feed._outboxes]
 

@@ -22,6 +22,11 @@ class Metrics:
             "gateway_presence_members", "Members in workspaces this node follows",
             registry=self.registry,
         )
+        self.presence_sessions = Gauge(
+            "gateway_presence_local_holdings",
+            "Users with a stream or WebSocket session held by this node, per workspace",
+            registry=self.registry,
+        )
         self.backend_latency = Histogram(
             "gateway_backend_seconds", "Backend call latency", ["op"], registry=self.registry
         )

@@ -271,3 +271,26 @@ async def test_a_lingering_socket_session_expires_even_while_the_user_streams(cl
     left = await next_presence(observer)
     assert left.envelope["data"] == {"user_id": "alice", "reason": "expired"}
     mine.close()
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_metrics_count_what_happened(client, token):
+    response, reader = await watch(client, token)
+    await client.post(f"{BASE}/presence/join", headers=auth(token("alice")))
+    await client.post(f"{BASE}/events", json={"type": "doc.updated"}, headers=auth(token()))
+    await reader.events(2)
+    text = await (await client.get("/metrics")).text()
+    assert _metric(text, 'gateway_connections{transport="sse"}') == 1
+    assert _metric(text, "gateway_events_published_total") == 1
+    assert _metric(text, 'gateway_events_delivered_total{transport="sse"}') == 2
+    assert _metric(text, "gateway_presence_members") == 1
+    assert _metric(text, "gateway_presence_local_holdings") == 1  # the observer's stream
+    assert _metric(text, 'gateway_backend_seconds_count{op="presence"}') >= 1
+    assert _metric(text, 'gateway_backend_seconds_count{op="append"}') == 1
+    response.close()
