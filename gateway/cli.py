@@ -45,6 +45,8 @@ def _dev_banner(settings: Settings) -> str:
         f"  curl -H \"Authorization: Bearer $TOKEN\" {base}/presence",
         f"  curl -X POST -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' "
         f"-d '{{\"type\":\"doc.updated\",\"data\":{{\"id\":\"doc-1\"}}}}' {base}/events",
+        f"  sync-gateway tail --url http://{settings.host}:{settings.port} --org {DEV_ORG} "
+        f"--workspace {DEV_WORKSPACE} --token $TOKEN      # watch over WebSocket",
         "=" * 78,
         "",
     ])
