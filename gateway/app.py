@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ from gateway.handlers.common import GATEWAY
 from gateway.handlers.errors import error_middleware
 from gateway.hub import Hub
 from gateway.metrics import Metrics
+from gateway.tasks import stop
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ def create_app(
     """The gateway as an aiohttp application. ``clock`` and ``broker`` are for tests."""
     clock = clock or SystemClock()
     broker = broker or broker_from_settings(settings, clock)
+    # A body may spell the data with \u escapes (6 bytes a character): room for that, no more.
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=settings.max_event_bytes + 4096
+        middlewares=[error_middleware], client_max_size=settings.max_event_bytes * 6 + 4096
     )
     app[GATEWAY] = Gateway(
         settings=settings,
@@ -97,9 +98,7 @@ async def _sweeper(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.create_task(loop(), name="presence sweeper")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop(task)
 
 
 async def _feed_janitor(app: web.Application) -> AsyncIterator[None]:
@@ -113,9 +112,7 @@ async def _feed_janitor(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.create_task(loop(), name="feed janitor")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop(task)
 
 
 DRAIN_NOT_READY_SECONDS = 1.0

@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any, Final
 
 import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.config import Settings
-from protocol.envelope import WorkspaceKey
+from protocol.envelope import WorkspaceKey, portability_problem
 from protocol.errors import ApiError, authentication_failed, forbidden, not_found
 
 SYNC_READ: Final = "sync:read"
@@ -93,7 +96,28 @@ def identity_from_claims(claims: dict[str, Any]) -> Identity:
     display = tuple(
         (name, claims[name]) for name in DISPLAY_CLAIMS if isinstance(claims.get(name), str)
     )
+    # Everything copied into events must be encodable by every codec (no lone surrogates).
+    if portability_problem([sub, org_id, *(value for _, value in display)]) is not None:
+        raise authentication_failed("invalid claims")
     return Identity(sub, org_id, workspaces, permissions, display, kind, float(claims["exp"]))
+
+
+def load_public_key(algorithm: str, path: Path) -> Any:
+    """The PEM public key at ``path``, checked against ``algorithm`` (RSA for RS256, P-256 for
+    ES256); ``ValueError`` with a clear message otherwise (a private key is refused too)."""
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except OSError as exc:
+        raise ValueError(f"cannot read the JWT public key file {path}: {exc.strerror}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ValueError(f"{path} is not a PEM public key") from None
+    if algorithm == "RS256" and not isinstance(key, rsa.RSAPublicKey):
+        raise ValueError(f"{path} is not an RSA public key (needed for RS256)")
+    if algorithm == "ES256" and not (
+        isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
+    ):
+        raise ValueError(f"{path} is not a P-256 EC public key (needed for ES256)")
+    return key
 
 
 class TokenVerifier:
@@ -108,7 +132,7 @@ class TokenVerifier:
         else:
             if not settings.jwt_public_key_file:
                 raise ValueError(f"{settings.jwt_algorithm} needs a public key file")
-            self._key = Path(settings.jwt_public_key_file).read_text()
+            self._key = load_public_key(settings.jwt_algorithm, Path(settings.jwt_public_key_file))
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._leeway = settings.jwt_leeway

@@ -6,7 +6,7 @@ import asyncio
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -144,7 +144,8 @@ class MemoryBroker:
         for entry, envelope in reversed(log.entries):  # O(new events), not O(history)
             if entry <= after.entry:
                 break
-            newer.append(envelope)
+            # A copy: encodings cached on a delivered envelope must not stay pinned to history.
+            newer.append(replace(envelope))
         newer.reverse()
         return newer
 

@@ -45,6 +45,7 @@ from gateway.presence import (
     prune,
     transition,
 )
+from gateway.tasks import stop
 from protocol.envelope import (
     RESERVED_PREFIXES,
     EntryId,
@@ -223,9 +224,7 @@ class RedisBroker:
     async def close(self) -> None:
         """Stop beating and let the peers reap at once whatever this node still holds."""
         if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat_task
+            await stop(self._heartbeat_task)
             self._heartbeat_task = None
             with contextlib.suppress(*UNAVAILABLE):
                 await self._redis.delete(self.keys.alive(self.node_id))

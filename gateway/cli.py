@@ -65,7 +65,11 @@ def serve(settings: Settings) -> int:
         extra={"node_id": settings.node_id, "host": settings.host, "port": settings.port,
                "backend": "redis" if settings.redis_url else "memory"},
     )
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # e.g. an unreadable or wrong JWT key file
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
     drain_on_sigterm(app)
     from gateway.logs import AccessLogger
 

@@ -68,6 +68,10 @@ class Settings:
                      "ws_auth_timeout", "ws_close_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.log_format not in ("json", "text"):
+            raise ValueError("log_format must be json or text")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         for name in ("history_max_len", "max_event_bytes", "send_buffer",
                      "ws_max_message_bytes", "ws_rate_burst", "ws_rate_strikes",
                      "ws_max_subscriptions"):

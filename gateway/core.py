@@ -42,8 +42,10 @@ from gateway.presence import (
     stream_closed,
     stream_opened,
 )
+from gateway.tasks import stop
+from protocol.codecs import JSON
 from protocol.envelope import Envelope, WorkspaceKey, portability_problem
-from protocol.errors import ValidationFailed, authentication_failed
+from protocol.errors import ApiError, ValidationFailed, authentication_failed
 
 
 @dataclass(slots=True)
@@ -122,6 +124,9 @@ class Gateway:
             except BaseException:
                 if released is not None:
                     released()
+                if held is not None or released is not None:
+                    # The write may have happened though its answer was lost: make the
+                    # backend match what this node really holds.
                     self.reassert_soon()
                 raise
             if held is not None:
@@ -232,10 +237,7 @@ class Gateway:
 
     async def close(self) -> None:
         task, self._reassert_task = self._reassert_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(task)
 
     async def presence(
         self, workspace: WorkspaceKey, resource: Resource | None = None
@@ -255,6 +257,8 @@ class Gateway:
             raise ValidationFailed(({"loc": ["body", "data", *path], "msg": f"Value error, {why}",
                                      "type": "value_error", "input": None,
                                      "ctx": {"error": why}},))
+        if len(JSON.encode(data)) > self.settings.max_event_bytes:
+            raise ApiError("PAYLOAD_TOO_LARGE", {"max_bytes": self.settings.max_event_bytes})
         with self.metrics.backend_latency.labels("append").time():
             envelope = await self.broker.append(workspace, event_type, identity.actor, data)
         self.metrics.events_published.inc()

@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from gateway.broker import BackendUnavailable, Broker, HistoryGone, Snapshot
 from gateway.presence import Replica, Resource
+from gateway.tasks import stop
 from protocol.envelope import (
     SYNC_RESET,
     SYNC_SNAPSHOT,
@@ -145,7 +146,8 @@ class Feed:
         self._broker = broker
         self._outboxes: set[Outbox] = set()
         self._waiters: list[tuple[EventId, asyncio.Future[None]]] = []
-        self.idle_since: float | None = None
+        # Idle until something attaches: a feed made for a presence read is reaped too.
+        self.idle_since: float | None = asyncio.get_running_loop().time()
         self._task = asyncio.create_task(self._run(), name=f"feed {workspace}")
 
     def snapshot_envelope(self) -> Envelope:
@@ -230,11 +232,16 @@ class Feed:
                     failing = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+            except Exception:
+                # A bug or an entry nobody foresaw must not silence the workspace for good.
+                if not failing:
+                    log.exception("feed failed; retrying", extra={"workspace": str(self.workspace)})
+                    failing = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await stop(self._task)
         for _, waiter in self._waiters:
             waiter.cancel()
 
@@ -305,7 +312,9 @@ async def replay_or_reset(
     except (ValueError, HistoryGone):
         reset = sync_envelope(
             feed.workspace, SYNC_RESET, snapshot.id,
-            {"reason": "history_unavailable", "last_event_id": since[:128]},
+            # Echoed for the client's logs: printable ASCII only (headers may carry any bytes).
+            {"reason": "history_unavailable",
+             "last_event_id": since[:128].encode("ascii", "replace").decode()},
         )
         return [reset, snapshot], EventId.parse(snapshot.id)
     if replay:

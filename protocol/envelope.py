@@ -101,7 +101,9 @@ class Envelope:
     timestamp: str
     # Cached encodings (keyed by codec name), filled lazily by the hub so that an
     # event is encoded once per encoding however many subscribers receive it.
-    _encoded: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+    _encoded: dict[str, bytes] = field(
+        default_factory=dict, compare=False, repr=False, init=False
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return {

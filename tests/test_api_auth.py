@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from dataclasses import replace
@@ -190,11 +191,23 @@ async def test_unknown_tickets_are_401(client, ticket):
     assert (await client.get(f"{BASE}/stream", params={"ticket": ticket})).status == 401
 
 
-async def test_ticket_carries_the_identity(client, token):
+async def test_ticket_stream_counts_as_its_users_stream(client, token, clock):
+    """The stream opened with alice's ticket is alice's: it keeps her REST session alive."""
     ticket = await ticket_for(client, token("alice", name="Alice"))
-    await client.post(JOIN, headers=auth(token("alice", name="Alice")))
     response = await client.get(f"{BASE}/stream?ticket={ticket}")
-    snapshot = (await SSEReader(response).next()).envelope
-    assert [m["actor"] for m in snapshot["data"]["members"]] == [
-        {"type": "user", "id": "alice", "name": "Alice"}]
+    await SSEReader(response).next()
+    await client.post(JOIN, headers=auth(token("alice", name="Alice")))
+    await client.post(JOIN, headers=auth(token("bob")))
+    clock.advance(300)  # ten TTLs: bob expires, alice is kept alive by her ticket stream
+    for _ in range(100):
+        body = await (await client.get(f"{BASE}/presence", headers=auth(token("x")))).json()
+        if len(body["members"]) == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert [m["actor"] for m in body["members"]] == [{"type": "user", "id": "alice", "name": "Alice"}]
     response.close()
+
+
+async def test_display_claims_must_be_encodable(client, clock):
+    token = jwt.encode(claims(clock, name="\ud800"), SECRET, algorithm="HS256")
+    assert await status_with(client, token) == 401

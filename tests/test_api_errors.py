@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -296,3 +297,48 @@ async def test_org_id_that_cannot_exist_is_404_even_if_the_token_names_it(client
     assert response.status == 404
     assert (await response.json())["details"] == {"resource_type": "organization",
                                                   "resource_id": "a:b"}
+
+
+async def test_lone_surrogate_in_published_data_is_422(client, token):
+    body = b'{"type":"doc.updated","data":{"a":"\\ud800"}}'
+    response = await client.post(f"{BASE}/events", data=body,
+                                 headers={**auth(token()), "Content-Type": "application/json"})
+    assert response.status == 422
+    item = (await response.json())["detail"][0]
+    assert (item["loc"], item["type"]) == (["body", "data", "a"], "value_error")
+
+
+async def test_absurdly_nested_body_is_422_not_500(client, token):
+    body = b'{"type":"doc.updated","data":{"a":' + b"[" * 30000 + b"]" * 30000 + b"}}"
+    response = await client.post(f"{BASE}/events", data=body,
+                                 headers={**auth(token()), "Content-Type": "application/json"})
+    assert response.status == 422
+    assert (await response.json())["detail"][0]["type"] == "json_invalid"
+
+
+async def test_the_limit_is_on_the_data_not_on_how_the_body_spells_it(app_factory, settings, token):
+    from dataclasses import replace
+
+    client = await app_factory(replace(settings, max_event_bytes=1024))
+    # 400 x "é": 800 bytes as the gateway encodes it, 2400 bytes as \u escapes in the body.
+    body = json.dumps({"type": "doc.updated", "data": {"t": "é" * 400}}).encode()
+    assert len(body) > 2048
+    response = await client.post(f"{BASE}/events", data=body,
+                                 headers={**auth(token()), "Content-Type": "application/json"})
+    assert response.status == 200
+    assert (await response.json())["data"] == {"t": "é" * 400}
+
+
+async def test_413_for_a_body_past_the_transport_limit_names_the_data_limit(
+        app_factory, settings, token):
+    from dataclasses import replace
+
+    client = await app_factory(replace(settings, max_event_bytes=1024))
+
+    async def chunks():  # no Content-Length: refused while reading, past 6 x 1024 + 4096
+        for _ in range(20):
+            yield b" " * 1000
+
+    response = await client.post(f"{BASE}/events", data=chunks(), headers=auth(token()))
+    assert response.status == 413
+    assert (await response.json())["details"] == {"max_bytes": 1024}

@@ -8,7 +8,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.broker import BackendUnavailable
-from gateway.handlers.common import json_response
+from gateway.handlers.common import gateway_of, json_response
 from protocol.errors import ApiError, ValidationFailed, not_found
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> ApiError | None:
         allowed = sorted(getattr(exc, "allowed_methods", ()) or ())
         return ApiError("METHOD_NOT_ALLOWED", {"method": request.method, "allowed_methods": allowed})
     if exc.status == 413:
-        return ApiError("PAYLOAD_TOO_LARGE", {"max_bytes": request.app._client_max_size})
+        return ApiError("PAYLOAD_TOO_LARGE", {"max_bytes": gateway_of(request).settings.max_event_bytes})
     if exc.status >= 500:
         return ApiError("INTERNAL_SERVER_ERROR")
     return None

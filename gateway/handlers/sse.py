@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 
 from aiohttp import web
@@ -26,8 +27,11 @@ from protocol import sse
 from protocol.envelope import SYNC_RESET, SYNC_TOKEN_EXPIRED, Envelope, EventId, WorkspaceKey
 from protocol.errors import ApiError
 
+log = logging.getLogger(__name__)
+
 TRANSPORT = "sse"
 WRITE_BATCH = 64
+REPLAY_PAGE = 64
 
 
 async def _identity(request: web.Request, gateway: Gateway, workspace: WorkspaceKey) -> Identity:
@@ -44,12 +48,9 @@ def _frame(envelope: Envelope) -> bytes:
 
 async def _end_at(gateway: Gateway, outbox: Outbox, deadline: float, expires_at: float) -> None:
     """Close the outbox at the stream's deadline or the token's expiry, whichever is first."""
-    if expires_at < deadline:
-        await gateway.clock.sleep_until(expires_at + gateway.settings.jwt_leeway)
-        outbox.close("token_expired")
-    else:
-        await gateway.clock.sleep_until(deadline)
-        outbox.close("timeout")
+    token_end = expires_at + gateway.settings.jwt_leeway
+    await gateway.clock.sleep_until(min(deadline, token_end))
+    outbox.close("token_expired" if token_end < deadline else "timeout")
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
@@ -62,10 +63,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
     feed = await gateway.hub.feed(workspace)
     transport = request.transport
-    outbox = Outbox(
-        gateway.settings.send_buffer,
-        on_close=lambda reason: transport.abort() if reason == "overflow" and transport else None,
-    )
+
+    def closed(reason: str) -> None:
+        if reason == "overflow":  # a client that cannot keep up: cut it, it resumes later
+            gateway.metrics.slow_consumer_disconnects.labels(TRANSPORT).inc()
+            if transport is not None:
+                transport.abort()
+
+    outbox = Outbox(gateway.settings.send_buffer, on_close=closed)
     snapshot = feed.attach(outbox)  # live events from here on queue up in the outbox
     response: EventSourceResponse | None = None
     watcher: asyncio.Task[None] | None = None
@@ -87,11 +92,16 @@ async def stream(request: web.Request) -> web.StreamResponse:
         timer = asyncio.create_task(
             _end_at(gateway, outbox, gateway.clock.now() + query.timeout, identity.expires_at)
         )
-        await response.write(sse.retry(gateway.settings.retry_ms) + b"".join(map(_frame, first)))
+        await response.write(sse.retry(gateway.settings.retry_ms))
+        await _replay(response, first)
         await _pump(gateway, response, outbox, workspace, cursor)
     except ConnectionResetError:
         if response is None:
             raise
+    except Exception:
+        if response is None or not response.prepared:
+            raise  # still answerable with an error envelope
+        log.exception("stream failed; closing it", extra={"workspace": str(workspace)})
     finally:
         feed.detach(outbox)
         for task in (timer, watcher):
@@ -102,6 +112,16 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if held:
             await asyncio.shield(gateway.stream_closed(identity, workspace))
     return response
+
+
+async def _replay(response: EventSourceResponse, events: list[Envelope]) -> None:
+    """Write the replay a page at a time, waiting for each write: a client resuming far back
+    never makes the node hold more than a page of encoded events for it. Replayed envelopes
+    may be the broker's retained ones, so their encodings are not cached on them."""
+    while events:
+        page = events[:REPLAY_PAGE]
+        del events[:REPLAY_PAGE]  # let go of what is written
+        await response.write(b"".join(sse.encode_envelope(envelope) for envelope in page))
 
 
 async def _pump(
@@ -154,5 +174,3 @@ async def _finish(
             # Spread the reconnections of a drained node's clients over a few seconds.
             jitter = random.randint(gateway.settings.retry_ms, gateway.settings.retry_ms * 3)
             await response.write(sse.retry(jitter))
-        elif closed.reason == "overflow":
-            gateway.metrics.slow_consumer_disconnects.labels(TRANSPORT).inc()

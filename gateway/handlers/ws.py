@@ -27,14 +27,14 @@ from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
-from gateway.auth import EVENTS_PUBLISH, PRESENCE_WRITE, SYNC_READ, Identity, bearer_token
+from gateway.auth import PRESENCE_WRITE, SYNC_READ, Identity, bearer_token
 from gateway.broker import BackendUnavailable
 from gateway.channel import OVERFLOW, Frame, Outgoing, Subscription, TokenBucket
 from gateway.core import Gateway
 from gateway.handlers.common import gateway_of, workspace_of
 from gateway.hub import Closed, Feed, encoded, replay_or_reset, sync_envelope
 from gateway.presence import Resource
-from protocol.codecs import JSON, MSGPACK
+from protocol.codecs import MSGPACK
 from protocol.envelope import SYNC_RESET, SYNC_TOKEN_EXPIRED, Envelope, WorkspaceKey
 from protocol.errors import ApiError, ValidationFailed, authentication_failed, format_timestamp
 from protocol.ws import (
@@ -482,10 +482,6 @@ async def _viewing(conn: Connection, message: Viewing) -> Answer:
 
 
 async def _publish(conn: Connection, message: Publish) -> Answer:
-    conn.user.authorize(message.workspace, EVENTS_PUBLISH)
-    limit = conn.settings.max_event_bytes
-    if len(JSON.encode(message.data)) > limit:
-        raise ApiError("PAYLOAD_TOO_LARGE", {"max_bytes": limit})
     envelope = await conn.gateway.publish(conn.user, message.workspace, message.type,
                                           message.data)
     return reply_message(message.ref, envelope.to_dict())

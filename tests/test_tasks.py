@@ -1,0 +1,30 @@
+"""Stopping a background task never swallows the stopper's own cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.tasks import stop
+
+
+async def test_stop_absorbs_the_tasks_cancellation():
+    task = asyncio.create_task(asyncio.sleep(60))
+    await stop(task)
+    assert task.cancelled()
+
+
+async def test_stop_lets_the_callers_cancellation_through():
+    async def stubborn() -> None:  # takes a while to wind down after cancel()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            await asyncio.shield(asyncio.sleep(0.2))
+
+    inner = asyncio.create_task(stubborn())
+    stopper = asyncio.create_task(stop(inner))
+    await asyncio.sleep(0.05)
+    stopper.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopper
