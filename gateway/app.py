@@ -14,7 +14,7 @@ from gateway.broker import Broker, broker_from_settings
 from gateway.clock import Clock, SystemClock
 from gateway.config import Settings
 from gateway.core import Gateway
-from gateway.handlers import health, rest, sse, ws
+from gateway.handlers import cors, health, rest, sse, ws
 from gateway.handlers.common import GATEWAY
 from gateway.handlers.errors import error_middleware
 from gateway.hub import Hub
@@ -34,7 +34,8 @@ def create_app(
     broker = broker or broker_from_settings(settings, clock)
     # A body may spell the data with \u escapes (6 bytes a character): room for that, no more.
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=settings.max_event_bytes * 6 + 4096
+        middlewares=[error_middleware, cors.preflight_middleware],
+        client_max_size=settings.max_event_bytes * 6 + 4096,
     )
     app[GATEWAY] = Gateway(
         settings=settings,
@@ -61,6 +62,7 @@ def create_app(
             web.get(f"{WORKSPACE}/sync/ws", ws.workspace_socket),
         ]
     )
+    cors.setup_cors(app)
     app.cleanup_ctx.extend([_backend, _sweeper, _feed_janitor])
     app.on_shutdown.append(_drain)
     return app

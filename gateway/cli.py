@@ -76,7 +76,8 @@ def serve(settings: Settings) -> int:
     web.run_app(
         app, host=settings.host, port=settings.port, access_log_class=AccessLogger,
         print=lambda *_: log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}"}),
-        shutdown_timeout=5.0, handle_signals=True,
+        # Room for sockets to answer their close frame before the backend closes.
+        shutdown_timeout=max(5.0, settings.ws_close_timeout + 2.0), handle_signals=True,
     )
     return 0
 

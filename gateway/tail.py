@@ -33,6 +33,8 @@ def socket_url(base: str, org: str, workspace: str, since: str | None = None) ->
     query = urlencode({"since": since}) if since else ""
     return urlunsplit((scheme, parts.netloc, path, query, ""))
 
+HEARTBEAT_SECONDS = 15.0
+
 
 async def tail(
     url: str, org: str, workspace: str, token: str, *, since: str | None = None,
@@ -47,6 +49,8 @@ async def tail(
             ws = await session.ws_connect(
                 target, headers={"Authorization": f"Bearer {token}"},
                 protocols=(SUBPROTOCOL_JSON,), max_msg_size=0, autoping=True,
+                # Our own pings: a half-open connection ends the tail instead of hanging it.
+                heartbeat=HEARTBEAT_SECONDS,
             )
         except aiohttp.WSServerHandshakeError as exc:
             print(f"tail: refused: HTTP {exc.status}", file=err)

@@ -294,3 +294,13 @@ async def test_metrics_count_what_happened(client, token):
     assert _metric(text, 'gateway_backend_seconds_count{op="presence"}') >= 1
     assert _metric(text, 'gateway_backend_seconds_count{op="append"}') == 1
     response.close()
+
+
+async def test_feeds_made_for_presence_reads_are_let_go(client, token):
+    hub = client.app[GATEWAY].hub
+    for n in range(5):
+        url = f"/v1/orgs/{ORG}/workspaces/w{n}/sync/presence"
+        assert (await client.get(url, headers=auth(token(workspaces="*")))).status == 200
+    assert all(hub.existing_feed(WorkspaceKey(ORG, f"w{n}")) for n in range(5))
+    await hub.reap_idle(0)
+    assert not any(hub.existing_feed(WorkspaceKey(ORG, f"w{n}")) for n in range(5))

@@ -137,3 +137,36 @@ def test_configured_serve_from_environment_variables():
         assert status == 200
     assert process.stderr is not None
     assert "DEV MODE" not in process.stderr.read()
+
+
+def test_serve_refuses_unusable_jwt_keys(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private_pem = tmp_path / "private.pem"
+    private_pem.write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    ec_public = tmp_path / "ec.pem"
+    ec_public.write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a key")
+    cases = [
+        (private_pem, "RS256", "is not a PEM public key"),
+        (garbage, "RS256", "is not a PEM public key"),
+        (tmp_path / "missing.pem", "RS256", "cannot read"),
+        (ec_public, "RS256", "is not an RSA public key"),
+    ]
+    for path, algorithm, message in cases:
+        result = run_cli("serve", "--port", str(free_port()), "--jwt-algorithm", algorithm,
+                         "--jwt-public-key-file", str(path))
+        assert result.returncode == 2, (path, result.stderr[-500:])
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_an_unknown_log_level():
+    result = run_cli("serve", "--log-level", "chatty")
+    assert result.returncode == 2
+    assert "log_level" in result.stderr

@@ -272,3 +272,46 @@ def test_encode_envelope_is_cached_per_event(client):
     envelope = Envelope("e:1-0", "doc.updated", ORG, WORKSPACE, {}, {}, "t")
     first = encoded(envelope, "sse", encode_envelope)
     assert encoded(envelope, "sse", lambda _: b"other") is first
+
+
+async def test_timeout_wins_over_a_later_token_expiry(client, token, clock):
+    response, reader = await open_stream(client, token(ttl=55), query="?timeout=60")
+    await reader.next()
+    clock.advance(60.5)  # token (55 s + 10 s leeway) is still valid: this is the timeout
+    assert await reader.until_eof() == []
+    assert not reader.aborted
+
+
+async def test_non_utf8_last_event_id_gets_a_clean_reset(client, token):
+    """Raw header bytes that are not UTF-8 must not break the response framing."""
+    host, port = client.server.host, client.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        f"GET {STREAM} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token()}\r\n".encode()
+        + b"Last-Event-ID: \xff\xfex\r\n\r\n")
+    await writer.drain()
+    received = b""
+    async with asyncio.timeout(5):
+        while b"event: sync.snapshot" not in received:
+            chunk = await reader.read(65536)
+            assert chunk, received
+            received += chunk
+    writer.close()
+    assert received.startswith(b"HTTP/1.1 200")
+    assert received.count(b"HTTP/1.1") == 1
+    assert b"event: sync.reset" in received
+
+
+async def test_slow_consumer_is_counted(app_factory, settings, token):
+    client = await app_factory(replace(settings, send_buffer=4))
+    gateway = client.app[GATEWAY]
+    response, reader = await open_stream(client, token())
+    await reader.next()
+    for i in range(400):
+        await gateway.broker.append(KEY, "doc.updated", {"type": "service", "id": "t"},
+                                    {"n": i, "blob": "x" * 60_000})
+        await asyncio.sleep(0)
+    await reader.until_eof(timeout=5)
+    text = await (await client.get("/metrics")).text()
+    assert 'gateway_slow_consumer_disconnects_total{transport="sse"} 1.0' in text
+    response.close()

@@ -200,6 +200,6 @@ def test_token_bucket() -> None:
     ("https://user@a.com", None), ("https://a.com:99999", None), ("ws://a.com", None),
 ])
 def test_origin_normalisation(origin: str, normal: str | None) -> None:
-    from gateway.handlers.ws import normalise_origin
+    from gateway.origins import normalise_origin
 
     assert normalise_origin(origin) == normal

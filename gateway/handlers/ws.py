@@ -23,7 +23,6 @@ import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
@@ -33,6 +32,7 @@ from gateway.channel import OVERFLOW, Frame, Outgoing, Subscription, TokenBucket
 from gateway.core import Gateway
 from gateway.handlers.common import gateway_of, workspace_of
 from gateway.hub import Closed, Feed, encoded, replay_or_reset, sync_envelope
+from gateway.origins import origin_allowed
 from gateway.presence import Resource
 from protocol.codecs import MSGPACK
 from protocol.envelope import SYNC_RESET, SYNC_TOKEN_EXPIRED, Envelope, WorkspaceKey
@@ -78,34 +78,13 @@ CLOSE_REASONS: Final[dict[str, tuple[CloseCode, str]]] = {
 # -- the handshake ------------------------------------------------------------------
 
 
-def normalise_origin(text: str) -> str | None:
-    """``scheme://host[:port]`` (default port dropped, lower case), or None if ``text`` is
-    not a plain http(s) origin (``null``, paths, credentials, other schemes...)."""
-    try:
-        parts = urlsplit(text.strip())
-        port = parts.port
-    except ValueError:
-        return None
-    scheme, host = parts.scheme.lower(), (parts.hostname or "")
-    if scheme not in ("http", "https") or not host or parts.username is not None:
-        return None
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.password:
-        return None
-    if port is None or port == {"http": 80, "https": 443}[scheme]:
-        return f"{scheme}://{host}"
-    return f"{scheme}://{host}:{port}"
-
-
 def check_origin(origins: list[str], allowed: tuple[str, ...]) -> None:
     """Refuse (403) a browser upgrade from an origin not on the allow-list.
 
     No ``Origin`` header (a non-browser client) passes; one ``Origin`` must equal an
     allowed origin exactly (after normalisation); an empty list allows no browser.
     """
-    if not origins:
-        return
-    permitted = {normalised for item in allowed if (normalised := normalise_origin(item))}
-    if len(origins) != 1 or normalise_origin(origins[0]) not in permitted:
+    if origins and not origin_allowed(origins, allowed):
         raise ApiError("FORBIDDEN", {"reason": "origin_not_allowed"})
 
 
