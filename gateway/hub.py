@@ -242,8 +242,9 @@ class Feed:
 
     async def close(self) -> None:
         await stop(self._task)
-        for _, waiter in self._waiters:
-            waiter.cancel()
+        for _, waiter in self._waiters:  # a caller waiting to read its write gives up, unharmed
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class Hub:

@@ -129,7 +129,7 @@ def test_dev_mode_prints_a_working_token_and_examples():
 
 def test_configured_serve_from_environment_variables():
     secret = "c" * 40
-    with serve(env={"GATEWAY_JWT_SECRET": secret, "GATEWAY_PRESENCE_TTL": "45"}) as (process, port):
+    with serve(env={"GATEWAY_JWT_SECRET": secret}) as (process, port):
         token = run_cli("token", "--sub", "u1", "--org", "o1", "--workspace", "w1",
                         "--jwt-secret", secret).stdout.strip()
         status, _ = http("POST", f"http://127.0.0.1:{port}/v1/orgs/o1/workspaces/w1/sync/presence/join",
@@ -170,3 +170,16 @@ def test_serve_refuses_an_unknown_log_level():
     result = run_cli("serve", "--log-level", "chatty")
     assert result.returncode == 2
     assert "log_level" in result.stderr
+
+
+def test_every_setting_reads_its_environment_variable_and_flags_win():
+    from gateway.config import parse_settings
+
+    environ = {"GATEWAY_PRESENCE_TTL": "45", "GATEWAY_PORT": "9001",
+               "GATEWAY_ALLOWED_ORIGINS": "https://a.example, https://b.example/",
+               "GATEWAY_REDIS_URL": "redis://127.0.0.1:1/0"}
+    settings = parse_settings(["--port", "9002"], environ)
+    assert settings.presence_ttl == 45.0
+    assert settings.port == 9002
+    assert settings.allowed_origins == ("https://a.example", "https://b.example")
+    assert settings.redis_url == "redis://127.0.0.1:1/0"

@@ -315,3 +315,9 @@ async def test_slow_consumer_is_counted(app_factory, settings, token):
     text = await (await client.get("/metrics")).text()
     assert 'gateway_slow_consumer_disconnects_total{transport="sse"} 1.0' in text
     response.close()
+
+
+async def test_long_last_event_id_in_the_query_is_a_reset_like_the_header(client, token):
+    response, reader = await open_stream(client, token(), query=f"?last_event_id={'x' * 1000}")
+    assert (await reader.next()).event == "sync.reset"
+    response.close()

@@ -13,7 +13,8 @@ class StreamQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     timeout: int = Field(3600, ge=60, le=7200, description="Stream timeout in seconds")
-    last_event_id: Annotated[str, Field(max_length=256)] | None = None
+    # Any value: one that is not a resumable id gets sync.reset, as in the header.
+    last_event_id: str | None = None
     ticket: Annotated[str, Field(max_length=256)] | None = None
 
 
