@@ -4,25 +4,35 @@ node liveness, the key layout."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from gateway.broker import BackendUnavailable, HistoryGone
+from gateway import broker_redis
+from gateway.broker import BackendUnavailable, HistoryGone, PresenceOutcome
 from gateway.broker_redis import RedisBroker, workspace_tag
 from gateway.clock import ManualClock
 from gateway.presence import (
+    PresenceChange,
+    Replica,
+    Resource,
+    Session,
     rest_leave,
     rest_touch,
+    restore,
     session_join,
     session_leave,
+    session_viewing,
     stream_opened,
 )
+from gateway.tasks import stop
 from protocol.envelope import PRESENCE_JOINED, PRESENCE_LEFT, Envelope, EventId, WorkspaceKey
 from tests.conftest import redis_url
 
@@ -303,3 +313,341 @@ def test_bad_prefixes_and_node_ids_are_refused() -> None:
         RedisBroker("redis://127.0.0.1:1/0", node_id="a{b}")
     with pytest.raises(ValueError):
         RedisBroker("redis://127.0.0.1:1/0", node_id="a", key_prefix="{gw}")
+
+
+# -- outside entries that are not what the format says -----------------------------------
+
+
+async def test_entries_too_deep_or_not_portable_are_skipped_and_the_feed_goes_on(
+    nodes: Callable[..., Any], raw: Redis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = await nodes("node-a")
+    start = (await broker.presence_snapshot(WS)).position
+    reader = asyncio.create_task(collect(broker, start, 2))
+    await asyncio.sleep(0.05)
+    key = f"{prefix}:{{org-1:ws-1}}:log"
+    service = '{"type":"service","id":"billing"}'
+    bad: list[dict[Any, Any]] = [
+        {"type": "doc.updated", "actor": "[" * 100_000, "data": "{}"},  # JSON parsers recurse
+        {"type": "doc.updated", "actor": service, "data": '{"a":' * 100_000 + "1" + "}" * 100_000},
+        # Valid JSON that msgpack subscribers could not get:
+        {"type": "doc.updated", "actor": service, "data": '{"a":' * 40 + "1" + "}" * 40},
+        {"type": "doc.updated", "actor": service, "data": '{"n":NaN}'},
+        {"type": "doc.updated", "actor": service, "data": '{"n":1e999}'},
+        {"type": "doc.updated", "actor": service, "data": '{"n":' + "9" * 30 + "}"},
+        {"type": "doc.updated", "actor": '{"id":"\\ud800"}', "data": "{}"},
+    ]
+    for fields in bad[:3]:
+        await raw.xadd(key, fields)
+    good = await broker.append(WS, "doc.updated", actor("svc"), {"ok": 1})
+    for fields in bad[3:]:
+        await raw.xadd(key, fields)
+    second = await broker.append(WS, "doc.updated", actor("svc"), {"ok": 2})
+    assert await reader == [good, second]
+    # A resume across them works too (it used to answer 500).
+    assert await broker.read_after(WS, start) == [good, second]
+    warnings = [r for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+async def test_node_written_presence_entries_of_the_wrong_shape_are_skipped(
+    nodes: Callable[..., Any], raw: Redis, prefix: str
+) -> None:
+    broker = await nodes("node-a")
+    start = (await broker.presence_snapshot(WS)).position
+    key = f"{prefix}:{{org-1:ws-1}}:log"
+    member = {"user_id": "u9", "actor": actor("u9"), "viewing": [], "joined_at": "2026-01-01T00:00:00Z"}
+    wrong: list[dict[str, Any]] = [
+        {"user_id": "u9"},  # no member at all
+        {**member, "viewing": "doc-1"},
+        {**member, "viewing": [{"resource_type": "doc"}]},
+        {**member, "viewing": [{"resource_type": "doc", "resource_id": 7}]},
+        {**member, "actor": "u9"},
+        {**member, "joined_at": 0},
+        {**member, "user_id": 9},
+    ]
+    for data in wrong:
+        for event_type in (PRESENCE_JOINED, "presence.viewing"):
+            await raw.xadd(key, {"type": event_type, "actor": "{}", "data": json.dumps(data),
+                                 "node": "node-x"})
+    await raw.xadd(key, {"type": PRESENCE_LEFT, "actor": "{}", "data": '{"user_id":9}', "node": "node-x"})
+    joined = (await broker.change_presence(
+        WS, "u1", session_viewing("u1", actor("u1"), "s1", "node-a", Resource("doc", "d1")))).events
+    events = await broker.read_after(WS, start)
+    assert events == list(joined)
+    replica = Replica({}, start)
+    for event in events:
+        replica.apply(event)
+    assert [m["user_id"] for m in replica.snapshot(Resource("doc", "d1"))["members"]] == ["u1"]
+
+
+# -- a reaper racing the node it reaps ---------------------------------------------------
+
+
+async def test_a_reaper_racing_a_paused_node_leaves_no_ghost(nodes: Callable[..., Any]) -> None:
+    w1, w2 = WorkspaceKey("org-1", "ws-1"), WorkspaceKey("org-1", "ws-2")
+    paused = await nodes("node-a", node_timeout=3.0)
+    reaper = await nodes("node-b", node_timeout=3.0)
+    held: dict[tuple[WorkspaceKey, str], dict[str, Resource | None]] = {}
+
+    async def join(workspace: WorkspaceKey, user: str, session: str) -> None:
+        await paused.change_presence(workspace, user, session_join(user, actor(user), session, "node-a"))
+        held[(workspace, user)] = {session: None}
+
+    async def reassert() -> None:  # what the node's gateway does (core.Gateway.reassert)
+        for workspace, user in sorted(set(held) | await paused.bound_to_node(), key=str):
+            await paused.change_presence(workspace, user, restore(
+                user, actor(user), "node-a", _holding(held.get((workspace, user), {}))))
+
+    paused.on_reassert(reassert)
+    await join(w1, "u1", "s1")
+    assert paused._heartbeat_task is not None
+    await stop(paused._heartbeat_task)  # SIGSTOP, long enough for the key to expire
+    await paused._redis.delete(paused.keys.alive("node-a"))
+    # The reaper works on ws-1 while the node, running again, has a user join ws-2.
+    original = reaper.change_presence
+
+    async def racing(workspace: WorkspaceKey, user: str, change: PresenceChange) -> PresenceOutcome:
+        outcome = await original(workspace, user, change)
+        if (w2, "u2") not in held:
+            await join(w2, "u2", "s2")
+        return outcome
+
+    reaper.change_presence = racing  # type: ignore[method-assign]
+    await reaper._reap("node-a", force=False)
+    reaper.change_presence = original  # type: ignore[method-assign]
+    # The node beats again: it was reaped, so it re-asserts what it holds.
+    paused._heartbeat_task = asyncio.create_task(paused._heartbeat_loop())
+    for _ in range(100):
+        if sorted((await reaper.presence_snapshot(w2)).members) == ["u2"] and sorted(
+                (await reaper.presence_snapshot(w1)).members) == ["u1"]:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # let the re-assertion finish
+    # Now the node dies for good: every user it held must go.
+    await stop(paused._heartbeat_task)
+    paused._heartbeat_task = None
+    await paused._redis.delete(paused.keys.alive("node-a"))
+    await reaper.sweep()
+    assert (await reaper.presence_snapshot(w1)).members == {}
+    assert (await reaper.presence_snapshot(w2)).members == {}  # no ghost
+
+
+def _holding(
+    sessions: dict[str, Resource | None],
+) -> Callable[[], tuple[int, Mapping[str, Resource | None], Session | None]]:
+    return lambda: (0, sessions, None)
+
+
+async def test_an_unchanged_record_still_indexes_the_workspace_for_the_reaper(
+    nodes: Callable[..., Any], raw: Redis
+) -> None:
+    node = await nodes("node-a")
+    await node.change_presence(WS, "u1", session_join("u1", actor("u1"), "s1", "node-a"))
+    await raw.delete(node.keys.node_workspaces("node-a"))  # a reaper removed it meanwhile
+    node._indexed.clear()  # ... and the node re-asserts
+    outcome = await node.change_presence(WS, "u1", session_join("u1", actor("u1"), "s1", "node-a"))
+    assert outcome.events == ()
+    assert await node.bound_to_node() == {(WS, "u1")}
+
+
+# -- a log that went back in time with its epoch intact ------------------------------------
+
+
+async def _rollback_setup(
+    nodes: Callable[..., Any], raw: Redis, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[RedisBroker], list[str], EventId, Envelope, dict[str, bytes | None]]:
+    monkeypatch.setattr(broker_redis, "TAIL_BLOCK_MS", 200)  # re-check often: a faster test
+    brokers = [await nodes("node-a"), await nodes("node-b")]
+    reasserted: list[str] = []
+    for broker in brokers:
+        broker.on_reassert(functools.partial(_note, reasserted, broker.node_id))
+    start = (await brokers[0].presence_snapshot(WS)).position
+    first = await brokers[0].append(WS, "doc.updated", actor("svc"), {"n": 1})
+    # The replica Redis will fail over to was last in sync here.
+    keys = brokers[0].keys
+    saved = {key: await raw.dump(key) for key in (keys.log(WS), keys.records(WS))}
+    return brokers, reasserted, start, first, saved
+
+
+async def _note(calls: list[str], node: str) -> None:
+    calls.append(node)
+
+
+async def _restore(raw: Redis, saved: dict[str, bytes | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            await raw.delete(key)
+        else:
+            await raw.restore(key, 0, value, replace=True)
+
+
+async def _follow(broker: RedisBroker, after: EventId, got: list[Envelope]) -> None:
+    async for batch in broker.tail(WS, after):
+        got.extend(batch)
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.mark.parametrize("append_after", [False, True], ids=["quiet", "appended-after"])
+async def test_a_log_that_lost_entries_it_had_gets_a_new_epoch(
+    nodes: Callable[..., Any], raw: Redis, monkeypatch: pytest.MonkeyPatch, clock: ManualClock,
+    append_after: bool,
+) -> None:
+    (a, b), reasserted, start, first, saved = await _rollback_setup(nodes, raw, monkeypatch)
+    seen: list[list[Envelope]] = [[], []]
+    tails = [asyncio.create_task(_follow(node, start, got)) for node, got in zip((a, b), seen, strict=True)]
+    lost = [await a.append(WS, "doc.updated", actor("svc"), {"n": 2})]
+    lost += (await a.change_presence(WS, "ghost", session_join("ghost", actor("ghost"), "s", "node-a"))).events
+    await _until(lambda: all(len(got) == 3 for got in seen))
+    # Failover to the lagging replica: the epoch key survived, the log and records went back.
+    await _restore(raw, saved)
+    if append_after:  # a write lands before any reader looks: ids are newer than those lost
+        clock.advance(1)
+        await a.append(WS, "doc.updated", actor("svc"), {"n": 3})
+    for tail in tails:
+        with pytest.raises(HistoryGone):
+            await asyncio.wait_for(tail, 10)
+    assert all(got == [first, *lost] for got in seen)  # nothing after the loss was delivered
+    assert (await a.presence_snapshot(WS)).position.epoch != start.epoch
+    # A client that had read only the first event is reset too, not handed a silent gap.
+    with pytest.raises(HistoryGone):
+        await b.read_after(WS, EventId.parse(first.id))
+    # Both nodes re-assert what they hold (the records went back in time too).
+    await _until(lambda: sorted(set(reasserted)) == ["node-a", "node-b"])
+
+
+async def test_a_client_id_newer_than_a_log_that_went_back_resets_everyone(
+    nodes: Callable[..., Any], raw: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (a, b), reasserted, start, first, saved = await _rollback_setup(nodes, raw, monkeypatch)
+    lost = await a.append(WS, "doc.updated", actor("svc"), {"n": 2})
+    await _restore(raw, saved)  # and no node follows the workspace
+    with pytest.raises(HistoryGone):
+        await b.read_after(WS, EventId.parse(lost.id))
+    # Another client, at the first event, must not read on past the lost one unawares.
+    with pytest.raises(HistoryGone):
+        await a.read_after(WS, EventId.parse(first.id))
+    assert (await a.presence_snapshot(WS)).position.epoch != start.epoch
+    await _until(lambda: reasserted == ["node-b"])
+
+
+# -- liveness while re-asserting ------------------------------------------------------------
+
+
+async def test_the_heartbeat_goes_on_while_a_long_re_assertion_runs(
+    nodes: Callable[..., Any], raw: Redis
+) -> None:
+    node = await nodes("node-a", node_timeout=0.6)
+    peer = await nodes("node-b", node_timeout=0.6)
+    runs: list[float] = []
+
+    async def slow_reassert() -> None:  # e.g. thousands of holdings
+        runs.append(time.monotonic())
+        await asyncio.sleep(1.5)  # longer than node_timeout
+
+    node.on_reassert(slow_reassert)
+    start = (await peer.presence_snapshot(WS)).position
+    await node.change_presence(WS, "u1", session_join("u1", actor("u1"), "s1", "node-a"))
+    await raw.delete(node.keys.alive("node-a"))  # one missed beat
+    await _until(lambda: bool(runs))
+    for _ in range(15):  # the peer sweeps while the re-assertion runs
+        await peer.sweep()
+        await asyncio.sleep(0.1)
+    assert [e.type for e in await peer.read_after(WS, start)] == [PRESENCE_JOINED]
+    assert len(runs) == 1
+
+
+# -- connection pools ------------------------------------------------------------------------
+
+
+async def test_bursts_beyond_the_pool_size_wait_for_a_connection(nodes: Callable[..., Any]) -> None:
+    broker = await nodes("node-a")
+    workspaces = [WorkspaceKey("org-1", f"ws-{n}") for n in range(150)]
+    starts = [(await broker.presence_snapshot(ws)).position for ws in workspaces]
+
+    async def first_two(workspace: WorkspaceKey, after: EventId) -> list[Envelope]:
+        got: list[Envelope] = []
+        async for batch in broker.tail(workspace, after):
+            got.extend(batch)
+            if len(got) >= 2:
+                break
+        return got
+
+    # More tails (each holds a connection for its blocking read) and more concurrent
+    # writes than redis-py's default pool of 100 allows.
+    tails = asyncio.gather(*(first_two(ws, start) for ws, start in zip(workspaces, starts, strict=True)))
+    await asyncio.sleep(0.3)  # every tail is in its blocking read
+    sent = await asyncio.gather(*(
+        broker.append(ws, "doc.updated", actor("svc"), {"n": n}) for n in range(2) for ws in workspaces
+    ))
+    got = await asyncio.wait_for(tails, 10)
+    assert [event for events in got for event in events] == sorted(
+        sent, key=lambda e: (int(e.workspace_id.removeprefix("ws-")), e.data["n"]))
+
+
+async def test_a_pool_with_no_free_connection_is_backend_unavailable(
+    nodes: Callable[..., Any], raw: Redis
+) -> None:
+    broker = await nodes("node-a", max_connections=2, pool_wait=0.2)
+    hold = [asyncio.create_task(broker._redis.blpop([f"nothing-{n}"], timeout=1)) for n in range(2)]
+    await asyncio.sleep(0.1)
+    with pytest.raises(BackendUnavailable):
+        await broker.append(WS, "doc.updated", actor("svc"), {})
+    await asyncio.gather(*hold)
+    await broker.append(WS, "doc.updated", actor("svc"), {})  # free again
+
+
+# -- sweeping around what cannot be swept ------------------------------------------------------
+
+
+async def test_a_corrupt_record_does_not_stop_the_sweep(
+    nodes: Callable[..., Any], raw: Redis, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    doomed = await nodes("node-doomed", node_timeout=0.6)
+    survivor = await nodes("node-s", node_timeout=0.6)
+    other = WorkspaceKey("org-1", "ws-2")
+    await doomed.change_presence(other, "u1", session_join("u1", actor("u1"), "s1", "node-doomed"))
+    await survivor.change_presence(WS, "u2", rest_touch("u2", actor("u2"), "node-s", 30.0))
+    keys = survivor.keys
+    await raw.hset(keys.records(WS), "bad", "{not json")
+    await raw.zadd(keys.expiry(WS), {"bad": clock.now() + 1})
+    await raw.zadd(keys.expiring, {workspace_tag(WS): clock.now() + 1})
+    assert doomed._heartbeat_task is not None
+    await stop(doomed._heartbeat_task)
+    await raw.delete(keys.alive("node-doomed"))
+    clock.advance(60)
+    await survivor.sweep()
+    await survivor.sweep()
+    assert (await survivor.presence_snapshot(WS)).members == {}  # u2 expired all the same
+    assert (await survivor.presence_snapshot(other)).members == {}  # the dead node was reaped
+    assert len([r for r in caplog.records if "cannot sweep" in r.getMessage()]) == 1
+
+
+async def test_dead_nodes_are_reaped_however_many_nodes_are_alive(
+    nodes: Callable[..., Any], raw: Redis
+) -> None:
+    doomed = await nodes("node-doomed", node_timeout=0.6)
+    survivor = await nodes("node-s", node_timeout=0.6)
+    await doomed.change_presence(WS, "u1", session_join("u1", actor("u1"), "s1", "node-doomed"))
+    keys = survivor.keys
+    alive = [f"node-{n}" for n in range(1000)]  # a large fleet, all beating
+    async with raw.pipeline(transaction=False) as pipe:
+        for node in alive:
+            pipe.set(keys.alive(node), "x", px=60_000)
+        pipe.sadd(keys.nodes, *alive)
+        await pipe.execute()
+    assert doomed._heartbeat_task is not None
+    await stop(doomed._heartbeat_task)
+    await raw.delete(keys.alive("node-doomed"))
+    for _ in range(30):
+        await survivor.sweep()
+        if not (await survivor.presence_snapshot(WS)).members:
+            break
+    assert (await survivor.presence_snapshot(WS)).members == {}
