@@ -141,14 +141,6 @@ class Keys:
         return f"{self.prefix}:ticket:{hashlib.sha256(ticket.encode()).hexdigest()}"
 
 
-@contextlib.contextmanager
-def _unavailable() -> Iterator[None]:
-    try:
-        yield
-    except UNAVAILABLE as exc:
-        raise BackendUnavailable(type(exc).__name__) from exc
-
-
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -235,6 +227,28 @@ class RedisBroker:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._reassert_task: asyncio.Task[None] | None = None
         self._reassert_wanted = False
+        self._dropping: asyncio.Task[None] | None = None
+
+    @contextlib.contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        """Redis failures as ``BackendUnavailable``. A connection failure also drops the idle
+        pooled connections: after a Redis restart they are all dead, and each would otherwise
+        fail one more request (writes are never retried, so each would be a 503)."""
+        try:
+            yield
+        except UNAVAILABLE as exc:
+            if isinstance(exc, (RedisConnectionError, OSError)) and self._dropping is None:
+                self._dropping = asyncio.get_running_loop().create_task(self._drop_idle())
+            raise BackendUnavailable(type(exc).__name__) from exc
+
+    async def _drop_idle(self) -> None:
+        try:
+            for pool in (self._redis.connection_pool, self._blocking.connection_pool):
+                await pool.disconnect(inuse_connections=False)
+        except Exception:  # best effort: a dead connection still fails on its own
+            log.debug("could not drop idle redis connections", exc_info=True)
+        finally:
+            self._dropping = None
 
     def _script(self, name: str) -> AsyncScript:
         return self._redis.register_script(_lua(name))
@@ -243,7 +257,7 @@ class RedisBroker:
 
     async def start(self) -> None:
         """Reap what a previous process with this node id left, register, start beating."""
-        with _unavailable():
+        with self._unavailable():
             await self._redis.ping()
             await self._reap(self.node_id, force=True)
             await self._redis.sadd(self.keys.nodes, self.node_id)
@@ -259,11 +273,12 @@ class RedisBroker:
             self._heartbeat_task = None
             with contextlib.suppress(*UNAVAILABLE):
                 await self._redis.delete(self.keys.alive(self.node_id))
+        await stop(self._dropping)
         await self._blocking.aclose()
         await self._redis.aclose()
 
     async def ping(self) -> None:
-        with _unavailable():
+        with self._unavailable():
             await asyncio.wait_for(self._redis.ping(), 2.0)
 
     def on_reassert(self, callback: Callable[[], Awaitable[None]]) -> None:
@@ -342,7 +357,7 @@ class RedisBroker:
             self._reassert_wanted = False
             try:
                 self._indexed.clear()  # the node's workspace index may have lost entries
-                with _unavailable():
+                with self._unavailable():
                     await self._redis.sadd(self.keys.nodes, self.node_id)
                 if self._reassert is not None:
                     await self._reassert()
@@ -429,7 +444,7 @@ class RedisBroker:
     ) -> Envelope:
         pending = PendingEvent(event_type, actor, data)
         now_ms = int(self._clock.now() * 1000)
-        with _unavailable():
+        with self._unavailable():
             result = await self._append(
                 keys=[self.keys.epoch(workspace), self.keys.log(workspace)],
                 args=[secrets.token_hex(4), *self._trim_args(now_ms), *_entry_fields(pending, self.node_id)],
@@ -440,7 +455,7 @@ class RedisBroker:
         self, workspace: WorkspaceKey, *, create_epoch: bool, after: EntryId | None = None,
         count: int = 0,
     ) -> _LogState:
-        with _unavailable():
+        with self._unavailable():
             raw = await self._position(
                 keys=[self.keys.epoch(workspace), self.keys.log(workspace)],
                 args=[secrets.token_hex(4) if create_epoch else "",
@@ -450,7 +465,7 @@ class RedisBroker:
         return _parse_state(raw)
 
     async def presence_snapshot(self, workspace: WorkspaceKey) -> Snapshot:
-        with _unavailable():
+        with self._unavailable():
             async with self._redis.pipeline(transaction=True) as pipe:
                 await self._position(
                     keys=[self.keys.epoch(workspace), self.keys.log(workspace)],
@@ -512,7 +527,7 @@ class RedisBroker:
         client resyncs instead of reading on past a silent gap, and re-assert what this node
         holds (the records went back in time too). Every other node following the workspace
         sees the new epoch at its next read and re-asserts as well."""
-        with _unavailable():
+        with self._unavailable():
             now_epoch = _text(await self._rotate(
                 keys=[self.keys.epoch(workspace)], args=[epoch, secrets.token_hex(4)]
             ))
@@ -533,7 +548,7 @@ class RedisBroker:
             yield batch
         log_key = self.keys.log(workspace)
         while True:
-            with _unavailable():
+            with self._unavailable():
                 async with self._blocking.pipeline(transaction=False) as pipe:
                     pipe.xread({log_key: str(cursor)}, count=TAIL_COUNT, block=TAIL_BLOCK_MS)
                     await self._position(keys=[self.keys.epoch(workspace), log_key],
@@ -573,7 +588,7 @@ class RedisBroker:
         self, workspace: WorkspaceKey, user_id: str, change: PresenceChange
     ) -> PresenceOutcome | None:
         keys = self.keys
-        with _unavailable():
+        with self._unavailable():
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.get(keys.epoch(workspace))
                 pipe.hget(keys.records(workspace), user_id)
@@ -594,12 +609,12 @@ class RedisBroker:
             to_index = to_index | {self.node_id}
         if after == before and not pending:
             if to_index:
-                with _unavailable():
+                with self._unavailable():
                     await self._redis.sadd(keys.node_workspaces(self.node_id), tag)
                 self._indexed.add(workspace)
             return PresenceOutcome(after, ())
         expiry = after.next_expiry() if after is not None else None
-        with _unavailable():
+        with self._unavailable():
             # Indexes other slots hold, written before the change so a crash never leaves a
             # binding or an expiry that no sweep can find.
             if expiry is not None or to_index:
@@ -634,7 +649,7 @@ class RedisBroker:
 
     async def bound_to_node(self) -> set[tuple[WorkspaceKey, str]]:
         """The (workspace, user) pairs whose records Redis binds to this node."""
-        with _unavailable():
+        with self._unavailable():
             tags = await self._redis.smembers(self.keys.node_workspaces(self.node_id))
             found = set()
             for tag in tags:
@@ -654,7 +669,7 @@ class RedisBroker:
         the others from being swept. Raises ``BackendUnavailable`` if Redis cannot be read."""
         changed = 0
         now = self._clock.now()
-        with _unavailable():
+        with self._unavailable():
             due = await self._redis.zrangebyscore(self.keys.expiring, "-inf", now,
                                                   start=0, num=SWEEP_BATCH)
         for raw_tag in due:
@@ -671,7 +686,7 @@ class RedisBroker:
                 log.warning("cannot sweep a workspace; skipping it for now (logged once)",
                             extra={"workspace_tag": tag[:200],
                                    "problem": f"{type(problem).__name__}: {str(problem)[:200]}"})
-            with _unavailable():  # do not let it hold the head of the index
+            with self._unavailable():  # do not let it hold the head of the index
                 await self._redis.zadd(self.keys.expiring, {tag: now + SWEEP_RETRY}, xx=True, gt=True)
         return changed + await self._reap_dead_nodes()
 
@@ -681,7 +696,7 @@ class RedisBroker:
         problem: Exception | None = None
         try:
             workspace = parse_workspace_tag(tag)
-            with _unavailable():
+            with self._unavailable():
                 users = await self._redis.zrangebyscore(self.keys.expiry(workspace), "-inf", now)
             for user in users:
                 try:
@@ -697,7 +712,7 @@ class RedisBroker:
     async def _reindex_expiry(self, workspace: WorkspaceKey) -> None:
         """Set the workspace's score in the global index to its earliest record expiry."""
         tag = workspace_tag(workspace)
-        with _unavailable():
+        with self._unavailable():
             async with self._redis.pipeline(transaction=True) as pipe:
                 for _ in range(CAS_ATTEMPTS):
                     try:
@@ -717,7 +732,7 @@ class RedisBroker:
     async def _reap_dead_nodes(self) -> int:
         """Reap the dead among the next ``SWEEP_BATCH`` or so known nodes: a cursor
         (``SSCAN``) carried from sweep to sweep visits every node, however many are alive."""
-        with _unavailable():
+        with self._unavailable():
             cursor, found = await self._redis.sscan(self.keys.nodes, self._nodes_cursor,
                                                     count=SWEEP_BATCH)
             self._nodes_cursor = int(cursor)
@@ -745,7 +760,7 @@ class RedisBroker:
         afterwards (its heartbeat tells it), which indexes again what it still holds."""
         keys = self.keys
         claim_ms = int(max(self._node_timeout * 2, 10.0) * 1000)
-        with _unavailable():
+        with self._unavailable():
             claimed = await self._claim(
                 keys=[keys.alive(node_id), keys.reaping(node_id)],
                 args=[f"{self.node_id}/{self.incarnation}", claim_ms, "force" if force else ""],
@@ -757,12 +772,12 @@ class RedisBroker:
         failed: set[bytes | str] = set()
         try:
             for _ in range(REAP_ROUNDS):
-                with _unavailable():
+                with self._unavailable():
                     tags = await self._redis.smembers(keys.node_workspaces(node_id)) - failed
                 if not tags:
                     break
                 for tag in tags:
-                    with _unavailable():
+                    with self._unavailable():
                         await self._redis.pexpire(keys.reaping(node_id), claim_ms)
                     try:
                         changed += await self._reap_workspace(node_id, _text(tag))
@@ -774,10 +789,10 @@ class RedisBroker:
                                       extra={"dead_node": node_id, "workspace_tag": _text(tag)[:200]})
                         failed.add(tag)
                         continue
-                    with _unavailable():
+                    with self._unavailable():
                         await self._redis.srem(keys.node_workspaces(node_id), tag)
                     done.add(tag)
-            with _unavailable():
+            with self._unavailable():
                 if not force and not failed and not await self._redis.exists(
                     keys.node_workspaces(node_id)
                 ):
@@ -795,7 +810,7 @@ class RedisBroker:
 
     async def _reap_workspace(self, node_id: str, tag: str) -> int:
         workspace = parse_workspace_tag(tag)
-        with _unavailable():
+        with self._unavailable():
             users = await self._redis.smembers(self.keys.bound(workspace, node_id))
         changed = 0
         for user in users:
@@ -807,11 +822,11 @@ class RedisBroker:
 
     async def put_ticket(self, ticket: str, payload: dict[str, Any], ttl: float) -> None:
         value = json.dumps({"expires_at": self._clock.now() + ttl, "payload": payload})
-        with _unavailable():
+        with self._unavailable():
             await self._redis.set(self.keys.ticket(ticket), value, px=max(1, int(ttl * 1000)))
 
     async def take_ticket(self, ticket: str) -> dict[str, Any] | None:
-        with _unavailable():
+        with self._unavailable():
             raw = await self._redis.getdel(self.keys.ticket(ticket))
         if raw is None:
             return None

@@ -40,8 +40,13 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """One line a record, its structured fields appended as ``key=value``."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        fields = " ".join(f"{key}={value}" for key, value in vars(record).items()
+                          if key not in _STANDARD and not key.startswith("_"))
+        line = super().format(record)
+        return redact(f"{line} {fields}" if fields else line)
 
 
 def configure(level: str = "INFO", fmt: str = "json") -> None:

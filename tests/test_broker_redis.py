@@ -394,10 +394,13 @@ async def test_a_reaper_racing_a_paused_node_leaves_no_ghost(nodes: Callable[...
         await paused.change_presence(workspace, user, session_join(user, actor(user), session, "node-a"))
         held[(workspace, user)] = {session: None}
 
+    reasserted = asyncio.Event()
+
     async def reassert() -> None:  # what the node's gateway does (core.Gateway.reassert)
         for workspace, user in sorted(set(held) | await paused.bound_to_node(), key=str):
             await paused.change_presence(workspace, user, restore(
                 user, actor(user), "node-a", _holding(held.get((workspace, user), {}))))
+        reasserted.set()
 
     paused.on_reassert(reassert)
     await join(w1, "u1", "s1")
@@ -418,12 +421,9 @@ async def test_a_reaper_racing_a_paused_node_leaves_no_ghost(nodes: Callable[...
     reaper.change_presence = original  # type: ignore[method-assign]
     # The node beats again: it was reaped, so it re-asserts what it holds.
     paused._heartbeat_task = asyncio.create_task(paused._heartbeat_loop())
-    for _ in range(100):
-        if sorted((await reaper.presence_snapshot(w2)).members) == ["u2"] and sorted(
-                (await reaper.presence_snapshot(w1)).members) == ["u1"]:
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.2)  # let the re-assertion finish
+    await asyncio.wait_for(reasserted.wait(), 5)
+    assert sorted((await reaper.presence_snapshot(w1)).members) == ["u1"]
+    assert sorted((await reaper.presence_snapshot(w2)).members) == ["u2"]
     # Now the node dies for good: every user it held must go.
     await stop(paused._heartbeat_task)
     paused._heartbeat_task = None
@@ -588,8 +588,9 @@ async def test_bursts_beyond_the_pool_size_wait_for_a_connection(nodes: Callable
         broker.append(ws, "doc.updated", actor("svc"), {"n": n}) for n in range(2) for ws in workspaces
     ))
     got = await asyncio.wait_for(tails, 10)
+    # Each tail got its workspace's two events, in log order (the two appends raced).
     assert [event for events in got for event in events] == sorted(
-        sent, key=lambda e: (int(e.workspace_id.removeprefix("ws-")), e.data["n"]))
+        sent, key=lambda e: (int(e.workspace_id.removeprefix("ws-")), EventId.parse(e.id).entry))
 
 
 async def test_a_pool_with_no_free_connection_is_backend_unavailable(

@@ -47,7 +47,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return response
     except ValidationFailed as exc:
         return json_response(exc.body(), status=exc.status)
-    except BackendUnavailable:
+    except BackendUnavailable as exc:
+        cause = exc.__cause__ or exc
+        log.warning("backend unavailable: answered 503",
+                    extra={"path": request.path, "cause": f"{type(cause).__name__}: {cause}"[:300]})
         error = ApiError("SERVICE_UNAVAILABLE")
         response = json_response(error.body(), status=error.status)
         response.headers["Retry-After"] = "1"
