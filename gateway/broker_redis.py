@@ -509,7 +509,7 @@ class RedisBroker:
                              and after.entry.ms <= self._clock.now() * 1000 + MAX_ID_SKEW_MS):
                 await self._lost_writes(workspace, state.epoch, after.entry)
             raise HistoryGone(str(after))
-        if after.entry < state.deleted:
+        if after.entry < state.deleted or state.trimmed_past(after.entry):
             raise HistoryGone(str(after))
         # Retention is a promise of at least max_len entries and max_age seconds; Redis trims
         # approximately (MAXLEN ~ / MINID ~), so entries past the promise count as gone too.
@@ -846,7 +846,16 @@ class _LogState:
     deleted: EntryId  # max-deleted-entry-id (XDEL; trimming does not move it)
     first: EntryId  # the first entry still in the stream (ZERO: none)
     holds_seen: bool  # the stream has the entry the caller asked about
+    removed: int  # entries ever removed from the stream (trimmed or deleted)
     entries: list[tuple[bytes, dict[bytes, bytes]]]
+
+    def trimmed_past(self, position: EntryId) -> bool:
+        """True when entries after ``position`` may have been trimmed: something was removed
+        from the stream and ``position`` is older than every entry it still has. (Redis 7.0
+        does not move ``max-deleted-entry-id`` when it trims.)"""
+        if not self.removed or position >= self.last:
+            return False
+        return self.first == ZERO or position < self.first
 
     def lost_writes_before(self, seen: EntryId) -> bool:
         """True when the log no longer has an entry it had: ``seen`` (read from this log in
@@ -859,7 +868,7 @@ class _LogState:
 
 
 def _parse_state(raw: Sequence[Any]) -> _LogState:
-    epoch, last, deleted, raw_entries, first, holds = raw
+    epoch, last, deleted, raw_entries, first, holds, removed = raw
     entries = []
     for entry_id, flat in raw_entries:
         fields: dict[bytes, bytes] = {}
@@ -872,6 +881,7 @@ def _parse_state(raw: Sequence[Any]) -> _LogState:
         deleted=EntryId.parse(_text(deleted)),
         first=EntryId.parse(_text(first)),
         holds_seen=bool(holds),
+        removed=int(removed),
         entries=entries,
     )
 

@@ -652,3 +652,19 @@ async def test_dead_nodes_are_reaped_however_many_nodes_are_alive(
         if not (await survivor.presence_snapshot(WS)).members:
             break
     assert (await survivor.presence_snapshot(WS)).members == {}
+
+
+@pytest.mark.parametrize("kept", [3, 2])
+async def test_a_resume_from_a_trimmed_id_resets_even_when_few_entries_follow(
+    nodes: Callable[..., Any], raw: Redis, prefix: str, kept: int
+) -> None:
+    """Redis 7.0 does not move max-deleted-entry-id when it trims, and an exact trim can
+    leave max_len entries or fewer after a trimmed id: that must be a reset, not a gap."""
+    broker = await nodes("node-a", history_max_len=3)
+    sent = [await broker.append(WS, "doc.updated", actor("svc"), {"n": n}) for n in range(10)]
+    await raw.xtrim(f"{prefix}:{{org-1:ws-1}}:log", maxlen=kept, approximate=False)
+    with pytest.raises(HistoryGone):
+        await broker.read_after(WS, EventId.parse(sent[0].id))
+    # What is still there resumes as before, exactly.
+    still = EventId.parse(sent[10 - kept].id)
+    assert [e.id for e in await broker.read_after(WS, still)] == [e.id for e in sent[11 - kept:]]

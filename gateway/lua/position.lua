@@ -9,7 +9,7 @@
 -- ARGV[4]  an entry id the caller read from this log: report whether the log still holds
 --          it ("" = none)
 -- Returns {epoch ("" = none), last-generated-id, max-deleted-entry-id, entries,
--- first entry id, holds} (ids "0-0" when the stream does not exist or is empty; entries as
+-- first entry id, holds, removed (entries ever removed: trimmed or deleted)} (ids "0-0" when the stream does not exist or is empty; entries as
 -- XRANGE returns them; holds 1 when the stream has an entry with id ARGV[4], else 0).
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
@@ -21,10 +21,15 @@ if not epoch then
   end
 end
 local last, deleted, first = '0-0', '0-0', '0-0'
+local length, added = 0, 0
 if redis.call('EXISTS', KEYS[2]) == 1 then
   local info = redis.call('XINFO', 'STREAM', KEYS[2])
   for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then
+    if info[i] == 'length' then
+      length = info[i + 1]
+    elseif info[i] == 'entries-added' then
+      added = info[i + 1]
+    elseif info[i] == 'last-generated-id' then
       last = info[i + 1]
     elseif info[i] == 'max-deleted-entry-id' then
       deleted = info[i + 1]
@@ -41,4 +46,4 @@ local holds = 0
 if ARGV[4] ~= '' and #redis.call('XRANGE', KEYS[2], ARGV[4], ARGV[4]) > 0 then
   holds = 1
 end
-return {epoch, last, deleted, entries, first, holds}
+return {epoch, last, deleted, entries, first, holds, added - length}
