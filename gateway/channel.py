@@ -108,7 +108,10 @@ class Subscription(Outbox):
         super().__init__(limit, on_close=outgoing.close)
         self.workspace = workspace
         self._outgoing = outgoing
-        self._cursor: EventId | None = None
+        # Events up to here were queued by the replay; None once a newer one went through
+        # (from then on the feed's order holds, and no id needs parsing on the hot path).
+        self._skip_through: EventId | None = None
+        self._last_id = ""
         self._live = False
 
     def offer(self, item: Envelope | Resync) -> bool:
@@ -118,7 +121,8 @@ class Subscription(Outbox):
 
     def go_live(self, cursor: EventId | None) -> None:
         """Forward what waited (skipping what the replay covered), then every later event."""
-        self._cursor = cursor
+        self._skip_through = cursor
+        self._last_id = str(cursor) if cursor else ""
         self._live = True
         while self._items and self.closed is None:
             self._forward(self._items.popleft())
@@ -128,12 +132,15 @@ class Subscription(Outbox):
             return False
         if isinstance(item, Resync):
             reset = sync_envelope(self.workspace, SYNC_RESET, item.snapshot.id,
-                                  {"reason": "history_lost", "last_event_id": str(self._cursor)})
-            self._cursor = EventId.parse(item.snapshot.id)
+                                  {"reason": "history_lost", "last_event_id": self._last_id})
+            self._skip_through = EventId.parse(item.snapshot.id)
+            self._last_id = item.snapshot.id
             return self._outgoing.offer(reset) and self._outgoing.offer(item.snapshot)
-        if not is_after(item, self._cursor):
-            return True  # already queued by the replay
-        self._cursor = EventId.parse(item.id)
+        if self._skip_through is not None:
+            if not is_after(item, self._skip_through):
+                return True  # already queued by the replay
+            self._skip_through = None
+        self._last_id = item.id
         return self._outgoing.offer(item)
 
 

@@ -196,9 +196,10 @@ class Feed:
         self._waiters = pending
 
     def _deliver(self, batch: list[Envelope]) -> None:
+        outboxes = tuple(self._outboxes)  # offer() may close (and detach) an outbox
         for envelope in batch:
             self.replica.apply(envelope)
-            for outbox in tuple(self._outboxes):
+            for outbox in outboxes:
                 outbox.offer(envelope)
         self._wake_waiters()
 

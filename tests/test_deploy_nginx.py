@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import ROOT, free_port, http, serve
+from tests.processes import ROOT, free_port, http, serve
 
 SECRET = "nginx-secret-" + "n" * 30
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import urllib.request
 
-from tests.test_cli import ROOT, http, serve
+from tests.processes import ROOT, http, serve
 
 SECRET = "log-secret-" + "q" * 30
 

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.auth import mint_token
 from tests.conftest import ORG, SECRET, WORKSPACE
-from tests.test_cli import serve
+from tests.processes import serve
 from tests.test_ws_memory import rss_mb, small_receive_buffer
 
 EVENT_BYTES = 60_000

@@ -21,6 +21,7 @@ import pytest
 from gateway.auth import mint_token
 from protocol.codecs import JSON
 from tests.conftest import ORG, SECRET, WORKSPACE
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENT_BYTES = 32 * 1024
@@ -31,12 +32,6 @@ BATCH = 25
 GROWTH_LIMIT_MB = 40
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def rss_mb(pid: int) -> float:

@@ -24,18 +24,13 @@ from typing import Any
 import aiohttp
 
 from gateway.auth import mint_token
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "multinode-secret-" + "k" * 32
 ORG = "org-1"
 WORKSPACE = "ws-1"
 BASE = f"/v1/orgs/{ORG}/workspaces/{WORKSPACE}/sync"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def token(sub: str, **extra: Any) -> str:
