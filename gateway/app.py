@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from gateway.auth import TokenVerifier
-from gateway.broker import Broker, broker_from_settings
+from gateway.broker import Broker
+from gateway.broker_memory import MemoryBroker
 from gateway.clock import Clock, SystemClock
 from gateway.config import Settings
 from gateway.core import Gateway
@@ -26,12 +27,30 @@ log = logging.getLogger(__name__)
 WORKSPACE = "/v1/orgs/{org_id}/workspaces/{workspace_id}"
 
 
+def backend_for(settings: Settings, clock: Clock) -> Broker:
+    """The backend ``settings.redis_url`` names (its scheme picks the Redis topology:
+    ``gateway.redis_topology``); the embedded one when unset or ``memory://``."""
+    url = settings.redis_url
+    if url is None or url.startswith("memory://"):
+        return MemoryBroker(node_id=settings.node_id, clock=clock,
+                            history_max_len=settings.history_max_len,
+                            history_max_age=settings.history_max_age)
+    from gateway.broker_redis import RedisBroker  # imports redis-py only when used
+
+    return RedisBroker(
+        url, node_id=settings.node_id, clock=clock,
+        history_max_len=settings.history_max_len, history_max_age=settings.history_max_age,
+        node_timeout=settings.node_timeout, key_prefix=settings.redis_key_prefix,
+        max_connections=settings.redis_max_connections,
+    )
+
+
 def create_app(
     settings: Settings, *, clock: Clock | None = None, broker: Broker | None = None
 ) -> web.Application:
     """The gateway as an aiohttp application. ``clock`` and ``broker`` are for tests."""
     clock = clock or SystemClock()
-    broker = broker or broker_from_settings(settings, clock)
+    broker = broker or backend_for(settings, clock)
     # A body may spell the data with \u escapes (6 bytes a character): room for that, no more.
     app = web.Application(
         middlewares=[error_middleware, cors.preflight_middleware],

@@ -4,24 +4,21 @@ A workspace log is an ordered, retained sequence of events. Presence changes are
 applied to the backend's per-user records and appended to the log as one atomic
 step, so concurrent changes (from any node) yield exactly one event per
 transition. Every node builds its presence replica from ``presence_snapshot``
-plus the entries after it (``tail``).
+plus the entries after it (``follow``).
 
 Implementations: ``broker_memory.MemoryBroker`` (one node, in process) and
-``broker_redis.RedisBroker`` (Redis Streams, many nodes).
+``broker_redis.RedisBroker`` (Redis Streams, many nodes); ``app.backend_for`` picks one.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from gateway.presence import PresenceChange, UserRecord
 from protocol.envelope import Envelope, EventId, WorkspaceKey
-
-if TYPE_CHECKING:
-    from gateway.clock import Clock
-    from gateway.config import Settings
 
 
 class HistoryGone(Exception):
@@ -71,13 +68,16 @@ class Broker(Protocol):
 
     async def presence_snapshot(self, workspace: WorkspaceKey) -> Snapshot: ...
 
-    async def read_after(self, workspace: WorkspaceKey, after: EventId) -> list[Envelope]:
-        """Every retained event after ``after``, in order; ``HistoryGone`` if some were
-        not retained or ``after`` is not of this log."""
+    async def read_after(
+        self, workspace: WorkspaceKey, after: EventId, limit: int = 256
+    ) -> list[Envelope]:
+        """The first ``limit`` retained events after ``after``, in order (a page: read on
+        from the last one); ``HistoryGone`` if some were not retained or ``after`` is not
+        of this log."""
 
-    def tail(self, workspace: WorkspaceKey, after: EventId) -> AsyncIterator[list[Envelope]]:
-        """Batches of events after ``after`` as they are appended, forever (blocking reads).
-        Raises ``HistoryGone`` if the log lost entries the reader had not read."""
+    def follow(self, workspace: WorkspaceKey, after: EventId, sink: LogSink) -> Following:
+        """Deliver to ``sink`` the events after ``after``, then every new one, in order, until
+        closed; ``sink.history_gone`` when the log lost entries the sink had not received."""
 
     async def sweep(self) -> int:
         """Apply ``prune`` to every record whose time is up; returns how many changed."""
@@ -96,28 +96,47 @@ class Broker(Protocol):
         """The (workspace, user) pairs whose records hold sessions or streams of this node."""
 
 
-def broker_for(url: str | None, **kwargs: Any) -> Broker:
-    """A backend chosen by URL scheme: none or ``memory://`` embedded, ``redis://`` / ``rediss://``."""
-    if url is None or url.startswith("memory://"):
-        from gateway.broker_memory import MemoryBroker
+class LogSink(Protocol):
+    """Where a followed log's events go (a hub feed)."""
 
-        return MemoryBroker(**kwargs)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from gateway.broker_redis import RedisBroker
+    def deliver(self, batch: list[Envelope]) -> None:
+        """Events after the previous batch, in log order. Must not block."""
 
-        return RedisBroker(url, **kwargs)
-    raise ValueError("unsupported backend URL scheme (use redis:// or memory://)")
+    def history_gone(self) -> None:
+        """The log lost history after the last event delivered: nothing more is delivered
+        until ``Following.move_to`` names a position in a fresh snapshot."""
 
 
-def broker_from_settings(settings: Settings, clock: Clock) -> Broker:
-    """The backend ``settings`` configure (``redis_url``; embedded when unset)."""
-    return broker_for(
-        settings.redis_url,
-        node_id=settings.node_id,
-        clock=clock,
-        history_max_len=settings.history_max_len,
-        history_max_age=settings.history_max_age,
-        node_timeout=settings.node_timeout,
-        disconnect_grace=settings.disconnect_grace,
-        key_prefix=settings.redis_key_prefix,
-    )
+class Following(Protocol):
+    def move_to(self, position: EventId) -> None:
+        """Deliver again, from ``position`` (of a fresh snapshot, after ``history_gone``)."""
+
+    def close(self) -> None: ...
+
+
+class _QueueSink:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[list[Envelope] | None] = asyncio.Queue()
+
+    def deliver(self, batch: list[Envelope]) -> None:
+        self.queue.put_nowait(batch)
+
+    def history_gone(self) -> None:
+        self.queue.put_nowait(None)
+
+
+async def tail(broker: Broker, workspace: WorkspaceKey, after: EventId) -> AsyncIterator[list[Envelope]]:
+    """``follow`` as an iterator of batches (for tools and tests: unbounded buffering);
+    raises ``HistoryGone`` when the log lost entries not yet delivered."""
+    sink = _QueueSink()
+    following = broker.follow(workspace, after, sink)
+    try:
+        while True:
+            batch = await sink.queue.get()
+            if batch is None:
+                raise HistoryGone(str(after))
+            if batch:
+                after = EventId.parse(batch[-1].id)
+                yield batch
+    finally:
+        following.close()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.broker import HistoryGone, PresenceOutcome, Snapshot
+from gateway.broker import Following, HistoryGone, LogSink, PresenceOutcome, Snapshot
 from gateway.clock import Clock, SystemClock
 from gateway.presence import (
     PendingEvent,
@@ -30,8 +30,27 @@ class _Log:
     last: EntryId = ZERO
     # Highest entry id removed by retention (ZERO: nothing removed yet).
     trimmed_through: EntryId = ZERO
-    appended: asyncio.Event = field(default_factory=asyncio.Event)
     records: dict[str, UserRecord] = field(default_factory=dict)
+    followers: set[_Follower] = field(default_factory=set)
+
+
+class _Follower:
+    """A sink following one log: handed each event as it is appended (after catching up)."""
+
+    __slots__ = ("_broker", "closed", "cursor", "live", "log", "sink")
+
+    def __init__(self, broker: MemoryBroker, log: _Log, cursor: EventId, sink: LogSink) -> None:
+        self._broker, self.log, self.cursor, self.sink = broker, log, cursor, sink
+        self.live = False  # caught up: appends are delivered as they happen
+        self.closed = False
+
+    def move_to(self, position: EventId) -> None:
+        self.cursor, self.live = position, False
+        asyncio.get_running_loop().call_soon(self._broker._catch_up, self)
+
+    def close(self) -> None:
+        self.closed = True
+        self.log.followers.discard(self)
 
 
 class MemoryBroker:
@@ -45,7 +64,6 @@ class MemoryBroker:
         clock: Clock | None = None,
         history_max_len: int = 10_000,
         history_max_age: float = 86_400.0,
-        **_: Any,
     ) -> None:
         self.node_id = node_id
         self.epoch = secrets.token_hex(4)
@@ -89,8 +107,10 @@ class MemoryBroker:
         log.entries.append((entry, envelope))
         log.last = entry
         self._trim(log, ms)
-        log.appended.set()
-        log.appended = asyncio.Event()
+        for follower in tuple(log.followers):  # a sink may close its following
+            if follower.live:
+                follower.cursor = EventId(self.epoch, entry)
+                follower.sink.deliver([envelope])
         return envelope
 
     def _trim(self, log: _Log, now_ms: int) -> None:
@@ -131,7 +151,7 @@ class MemoryBroker:
                 members[user_id] = member
         return Snapshot(members, self._position(log))
 
-    def _after(self, log: _Log, after: EventId) -> list[Envelope]:
+    def _after(self, log: _Log, after: EventId, limit: int | None = None) -> list[Envelope]:
         if after.epoch != self.epoch or after.entry > log.last:
             raise HistoryGone(str(after))
         if after.entry < log.trimmed_through:
@@ -147,23 +167,33 @@ class MemoryBroker:
             # A copy: encodings cached on a delivered envelope must not stay pinned to history.
             newer.append(replace(envelope))
         newer.reverse()
-        return newer
+        return newer if limit is None else newer[:limit]
 
-    async def read_after(self, workspace: WorkspaceKey, after: EventId) -> list[Envelope]:
-        return self._after(self._log(workspace), after)
+    async def read_after(
+        self, workspace: WorkspaceKey, after: EventId, limit: int = 256
+    ) -> list[Envelope]:
+        return self._after(self._log(workspace), after, max(1, limit))
 
-    async def tail(self, workspace: WorkspaceKey, after: EventId) -> AsyncIterator[list[Envelope]]:
-        log = self._log(workspace)
-        if after.epoch != self.epoch:
-            raise HistoryGone(str(after))
-        while True:
-            appended = log.appended
-            batch = self._after(log, after) if log.last > after.entry else []
-            if batch:
-                after = EventId.parse(batch[-1].id)
-                yield batch
-            else:
-                await appended.wait()
+    def follow(self, workspace: WorkspaceKey, after: EventId, sink: LogSink) -> Following:
+        follower = _Follower(self, self._log(workspace), after, sink)
+        follower.log.followers.add(follower)
+        asyncio.get_running_loop().call_soon(self._catch_up, follower)
+        return follower
+
+    def _catch_up(self, follower: _Follower) -> None:
+        """Deliver what was appended after the follower's cursor, then go live (no await in
+        between: nothing is appended meanwhile)."""
+        if follower.closed or follower.live:
+            return
+        try:
+            batch = self._after(follower.log, follower.cursor)
+        except HistoryGone:
+            follower.sink.history_gone()
+            return
+        follower.live = True
+        if batch:
+            follower.cursor = EventId.parse(batch[-1].id)
+            follower.sink.deliver(batch)
 
     async def sweep(self) -> int:
         now = self._clock.now()

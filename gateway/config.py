@@ -20,6 +20,9 @@ class Settings:
     redis_url: str | None = None
     # Every key this gateway writes starts with it: several deployments can share one Redis.
     redis_key_prefix: str = "gw"
+    # Command connections per Redis primary (each node also holds one pub/sub connection
+    # per primary for the logs it follows).
+    redis_max_connections: int = 6
     node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{secrets.token_hex(3)}")
     jwt_secret: str | None = None
     jwt_public_key_file: str | None = None
@@ -74,7 +77,7 @@ class Settings:
             raise ValueError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         for name in ("history_max_len", "max_event_bytes", "send_buffer",
                      "ws_max_message_bytes", "ws_rate_burst", "ws_rate_strikes",
-                     "ws_max_subscriptions"):
+                     "ws_max_subscriptions", "redis_max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 

@@ -1,10 +1,10 @@
 """Local subscriptions: one feed per workspace this node has interest in.
 
-A feed tails the workspace log once, applies each event to the node's presence
-replica, then offers it to every local subscriber's bounded ``Outbox`` without
-awaiting any of them: a slow client overflows its own outbox and is closed,
-and nobody else notices. Each event is encoded at most once per encoding
-(``encoded``), whatever the number of subscribers.
+A feed follows the workspace log once (the backend hands it each batch: no task per
+feed), applies each event to the node's presence replica, then offers it to every
+local subscriber's bounded ``Outbox`` without awaiting any of them: a slow client
+overflows its own outbox and is closed, and nobody else notices. Each event is
+encoded at most once per encoding (``encoded``), whatever the number of subscribers.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -23,6 +23,7 @@ from gateway.tasks import stop
 from protocol.envelope import (
     SYNC_RESET,
     SYNC_SNAPSHOT,
+    ZERO,
     Envelope,
     EventId,
     WorkspaceKey,
@@ -137,8 +138,21 @@ def is_after(envelope: Envelope, cursor: EventId | None) -> bool:
     return event_id.epoch != cursor.epoch or event_id.entry > cursor.entry
 
 
+def _reached(target: EventId, position: EventId) -> bool:
+    """Whether a replica at ``position`` has applied ``target`` (or never will: another epoch).
+    A replica at the start of a log has applied nothing, of any epoch (the log may get its
+    epoch with its first entry)."""
+    if position.entry == ZERO:
+        return target.epoch == position.epoch and target.entry == ZERO
+    return target.epoch != position.epoch or target.entry <= position.entry
+
+
 class Feed:
-    """One workspace's log as seen by this node: its replica and local subscribers."""
+    """One workspace's log as seen by this node: its replica and local subscribers.
+
+    It is the log's sink (``Broker.follow``): batches arrive in log order; when the log
+    lost history the feed had not received, it resyncs from a fresh snapshot and every
+    subscriber gets a ``Resync``."""
 
     def __init__(self, broker: Broker, workspace: WorkspaceKey, snapshot: Snapshot) -> None:
         self.workspace = workspace
@@ -148,7 +162,8 @@ class Feed:
         self._waiters: list[tuple[EventId, asyncio.Future[None]]] = []
         # Idle until something attaches: a feed made for a presence read is reaped too.
         self.idle_since: float | None = asyncio.get_running_loop().time()
-        self._task = asyncio.create_task(self._run(), name=f"feed {workspace}")
+        self._resyncing: asyncio.Task[None] | None = None
+        self._following = broker.follow(workspace, snapshot.position, self)
 
     def snapshot_envelope(self) -> Envelope:
         return sync_envelope(
@@ -177,7 +192,7 @@ class Feed:
         """Return once the replica has applied ``event_id`` (read-your-writes), or after
         ``APPLY_WAIT_SECONDS`` if the feed is stuck (the write itself has succeeded)."""
         target = EventId.parse(event_id)
-        if target.epoch != self.replica.position.epoch or target.entry <= self.replica.position.entry:
+        if _reached(target, self.replica.position):
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((target, waiter))
@@ -188,14 +203,14 @@ class Feed:
         position = self.replica.position
         pending = []
         for target, waiter in self._waiters:
-            if target.epoch != position.epoch or target.entry <= position.entry:
+            if _reached(target, position):
                 if not waiter.done():
                     waiter.set_result(None)
             else:
                 pending.append((target, waiter))
         self._waiters = pending
 
-    def _deliver(self, batch: list[Envelope]) -> None:
+    def deliver(self, batch: list[Envelope]) -> None:
         outboxes = tuple(self._outboxes)  # offer() may close (and detach) an outbox
         for envelope in batch:
             self.replica.apply(envelope)
@@ -203,46 +218,35 @@ class Feed:
                 outbox.offer(envelope)
         self._wake_waiters()
 
+    def history_gone(self) -> None:
+        if self._resyncing is None or self._resyncing.done():
+            self._resyncing = asyncio.get_running_loop().create_task(
+                self._resync(), name=f"feed resync {self.workspace}")
+
     async def _resync(self) -> None:
-        snapshot = await self._broker.presence_snapshot(self.workspace)
+        """A fresh snapshot (retried until the backend answers), a ``Resync`` to every
+        subscriber, and delivery again from the snapshot's position."""
+        log.warning("workspace log lost history; resyncing", extra={"workspace": str(self.workspace)})
+        delay = 0.05
+        while True:
+            try:
+                snapshot = await self._broker.presence_snapshot(self.workspace)
+                break
+            except Exception as exc:
+                if not isinstance(exc, BackendUnavailable):
+                    log.exception("feed resync failed; retrying", extra={"workspace": str(self.workspace)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
         self.replica = Replica(snapshot.members, snapshot.position)
         resync = Resync(self.snapshot_envelope())
         for outbox in tuple(self._outboxes):
             outbox.offer(resync)
         self._wake_waiters()
-
-    async def _run(self) -> None:
-        delay = 0.05
-        failing = False
-        while True:
-            try:
-                async for batch in self._broker.tail(self.workspace, self.replica.position):
-                    self._deliver(batch)
-                    if failing:
-                        log.info("feed reading again", extra={"workspace": str(self.workspace)})
-                        failing, delay = False, 0.05
-            except HistoryGone:
-                log.warning("workspace log lost history; resyncing",
-                            extra={"workspace": str(self.workspace)})
-                with contextlib.suppress(BackendUnavailable):
-                    await self._resync()
-            except BackendUnavailable:
-                if not failing:
-                    log.warning("feed cannot read the backend; retrying",
-                                extra={"workspace": str(self.workspace)})
-                    failing = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-            except Exception:
-                # A bug or an entry nobody foresaw must not silence the workspace for good.
-                if not failing:
-                    log.exception("feed failed; retrying", extra={"workspace": str(self.workspace)})
-                    failing = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        self._following.move_to(snapshot.position)
 
     async def close(self) -> None:
-        await stop(self._task)
+        self._following.close()
+        await stop(self._resyncing)
         for _, waiter in self._waiters:  # a caller waiting to read its write gives up, unharmed
             if not waiter.done():
                 waiter.set_result(None)
@@ -297,28 +301,70 @@ class Hub:
             await feed.close()
 
 
-async def replay_or_reset(
-    broker: Broker, feed: Feed, snapshot: Envelope, since: str | None
-) -> tuple[list[Envelope], EventId | None]:
-    """What a subscriber attached at ``snapshot`` receives first, and the cursor after it.
+REPLAY_PAGE: Final = 256
 
-    Without ``since``: the snapshot. With a resumable ``since``: every retained event
-    after it (live events the outbox already holds are skipped by the cursor).
-    Otherwise: ``sync.reset`` and the snapshot.
-    """
-    if since is None:
-        return [snapshot], EventId.parse(snapshot.id)
-    try:
-        cursor = EventId.parse(since)
-        replay = await broker.read_after(feed.workspace, cursor)
-    except (ValueError, HistoryGone):
+
+class Replay:
+    """What a subscriber attached at ``snapshot`` receives before live events, a page at a
+    time (a client resuming far back never makes the node hold more than a page for it).
+
+    Without ``since``: the snapshot. With a resumable ``since``: every retained event after
+    it, up to the snapshot's position (later ones are live events, already queued for the
+    subscriber). Otherwise — or if history goes while the replay is read — ``sync.reset``
+    and the snapshot. ``cursor`` is the position after everything given so far: live events
+    up to it are duplicates."""
+
+    def __init__(self, broker: Broker, workspace: WorkspaceKey, snapshot: Envelope,
+                 since: str | None) -> None:
+        self._broker, self._workspace, self._snapshot, self._since = broker, workspace, snapshot, since
+        self._until = EventId.parse(snapshot.id)
+        self.cursor: EventId | None = self._until
+        self.reset = False
+        self._first: list[Envelope] = []
+        self._more = False
+
+    async def start(self) -> Replay:
+        """Read the first page (so ``reset`` is known before anything is sent)."""
+        if self._since is None:
+            self._first = [self._snapshot]
+            return self
+        try:
+            self.cursor = EventId.parse(self._since)
+        except ValueError:
+            self._first = self._reset()
+            return self
+        self._first = await self._page()
+        return self
+
+    def _reset(self) -> list[Envelope]:
+        self.reset, self._more, self.cursor = True, False, self._until
         reset = sync_envelope(
-            feed.workspace, SYNC_RESET, snapshot.id,
+            self._workspace, SYNC_RESET, self._snapshot.id,
             # Echoed for the client's logs: printable ASCII only (headers may carry any bytes).
             {"reason": "history_unavailable",
-             "last_event_id": since[:128].encode("ascii", "replace").decode()},
+             "last_event_id": (self._since or "")[:128].encode("ascii", "replace").decode()},
         )
-        return [reset, snapshot], EventId.parse(snapshot.id)
-    if replay:
-        cursor = EventId.parse(replay[-1].id)
-    return replay, cursor
+        return [reset, self._snapshot]
+
+    async def _page(self) -> list[Envelope]:
+        assert self.cursor is not None
+        if self.cursor == self._until:
+            self._more = False
+            return []
+        try:
+            page = await self._broker.read_after(self._workspace, self.cursor, REPLAY_PAGE)
+        except HistoryGone:
+            return self._reset()
+        self._more = len(page) >= REPLAY_PAGE
+        kept = [envelope for envelope in page if not is_after(envelope, self._until)]
+        if len(kept) < len(page):
+            self._more = False
+        if kept:
+            self.cursor = EventId.parse(kept[-1].id)
+        return kept
+
+    async def pages(self) -> AsyncIterator[list[Envelope]]:
+        page, self._first = self._first, []
+        while page:
+            yield page
+            page = await self._page() if self._more else []

@@ -23,8 +23,10 @@ SYNC_SNAPSHOT: Final = "sync.snapshot"
 SYNC_RESET: Final = "sync.reset"
 SYNC_TOKEN_EXPIRED: Final = "sync.token_expired"
 
-_ENTRY_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
-_EVENT_ID = re.compile(r"^([0-9a-z]{1,32}):(\d{1,20})-(\d{1,20})$")
+_ENTRY_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+_EVENT_ID = re.compile(r"([0-9a-z]{1,32}):(\d{1,20})-(\d{1,20})")
+# Both parts of a Redis stream id are unsigned 64-bit integers.
+_ID_PART_MAX: Final = 2**64 - 1
 
 
 def is_publishable_type(event_type: str) -> bool:
@@ -43,10 +45,17 @@ class EntryId:
 
     @classmethod
     def parse(cls, text: str) -> EntryId:
-        match = _ENTRY_ID.match(text)
+        """Parse ``<ms>-<seq>`` (each part 0..2**64-1); raises ``ValueError`` for anything else."""
+        match = _ENTRY_ID.fullmatch(text)
         if match is None:
-            raise ValueError(f"not an entry id: {text!r}")
-        return cls(int(match[1]), int(match[2]))
+            raise ValueError(f"not an entry id: {text[:64]!r}")
+        return cls._checked(int(match[1]), int(match[2]))
+
+    @classmethod
+    def _checked(cls, ms: int, seq: int) -> EntryId:
+        if ms > _ID_PART_MAX or seq > _ID_PART_MAX:
+            raise ValueError("entry id out of range")
+        return cls(ms, seq)
 
     def __str__(self) -> str:
         return f"{self.ms}-{self.seq}"
@@ -65,10 +74,10 @@ class EventId:
     @classmethod
     def parse(cls, text: str) -> EventId:
         """Parse ``<epoch>:<ms>-<seq>``; raises ``ValueError`` for anything else."""
-        match = _EVENT_ID.match(text)
+        match = _EVENT_ID.fullmatch(text)
         if match is None:
             raise ValueError("not an event id")
-        return cls(match[1], EntryId(int(match[2]), int(match[3])))
+        return cls(match[1], EntryId._checked(int(match[2]), int(match[3])))
 
     def __str__(self) -> str:
         return f"{self.epoch}:{self.entry}"

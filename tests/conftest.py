@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.app import create_app
+from gateway.app import backend_for, create_app
 from gateway.auth import ALL_PERMISSIONS, mint_token
-from gateway.broker import Broker, broker_from_settings
+from gateway.broker import Broker
 from gateway.clock import ManualClock
 from gateway.config import Settings
 
@@ -87,7 +87,7 @@ def auth(token: str) -> dict[str, str]:
 def make_broker(name: str, settings: Settings, clock: ManualClock) -> Broker:
     url = None if name == "memory" else redis_url()
     isolated = replace(settings, redis_url=url, redis_key_prefix=f"test-{secrets.token_hex(6)}")
-    return broker_from_settings(isolated, clock)
+    return backend_for(isolated, clock)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from gateway import broker_redis
-from gateway.broker import BackendUnavailable, HistoryGone, PresenceOutcome
+from gateway.broker import BackendUnavailable, HistoryGone, PresenceOutcome, tail
 from gateway.broker_redis import RedisBroker, workspace_tag
 from gateway.clock import ManualClock
 from gateway.presence import (
@@ -71,7 +71,7 @@ async def nodes(prefix: str, clock: ManualClock) -> AsyncIterator[Callable[..., 
     async def make(node_id: str, **kwargs: Any) -> RedisBroker:
         options: dict[str, Any] = {
             "clock": clock, "history_max_len": 1000, "history_max_age": 3600.0,
-            "node_timeout": 15.0, "disconnect_grace": 5.0, "key_prefix": prefix, **kwargs,
+            "node_timeout": 15.0, "key_prefix": prefix, **kwargs,
         }
         broker = RedisBroker(redis_url(), node_id=node_id, **options)
         await broker.start()
@@ -87,7 +87,7 @@ async def collect(broker: RedisBroker, after: EventId, count: int, timeout: floa
     got: list[Envelope] = []
 
     async def run() -> None:
-        async for batch in broker.tail(WS, after):
+        async for batch in tail(broker, WS, after):
             got.extend(batch)
             if len(got) >= count:
                 return
@@ -137,25 +137,54 @@ async def test_every_node_reads_the_same_log(nodes: Callable[..., Any]) -> None:
     assert (await a.presence_snapshot(WS)) == (await b.presence_snapshot(WS))
 
 
-async def test_a_plain_xadd_in_the_documented_format_is_delivered(
-    nodes: Callable[..., Any], raw: Redis, prefix: str
+async def _service_append(raw: Redis, prefix: str, *, notify: bool) -> bytes:
+    """Exactly what docs/redis.md shows a backend service doing (optionally without the
+    notification)."""
+    log_key, channel = f"{prefix}:{{org-1:ws-1}}:log", f"{prefix}:{{org-1:ws-1}}:notify"
+    async with raw.pipeline(transaction=True) as pipe:
+        pipe.xadd(log_key, {"type": "doc.updated", "actor": '{"type":"service","id":"billing"}',
+                            "data": '{"id":"doc-1","title":"Q3"}'})
+        if notify:
+            pipe.execute_command("SPUBLISH", channel, "")
+        entry_id = (await pipe.execute())[0]
+    assert isinstance(entry_id, bytes)
+    return entry_id
+
+
+@pytest.mark.parametrize("notify", [True, False], ids=["xadd-and-spublish", "plain-xadd"])
+async def test_an_entry_a_service_appends_in_the_documented_format_is_delivered(
+    nodes: Callable[..., Any], raw: Redis, prefix: str, notify: bool
 ) -> None:
-    broker = await nodes("node-a")
+    # Without the notification, the audit (here every second) still finds it.
+    broker = await nodes("node-a", audit_period=1.0)
     start = (await broker.presence_snapshot(WS)).position
     reader = asyncio.create_task(collect(broker, start, 1))
     await asyncio.sleep(0.05)
-    # Exactly what docs/redis.md shows a backend service doing.
-    entry_id = await raw.xadd(
-        f"{prefix}:{{org-1:ws-1}}:log",
-        {"type": "doc.updated", "actor": '{"type":"service","id":"billing"}',
-         "data": '{"id":"doc-1","title":"Q3"}'},
-    )
+    entry_id = await _service_append(raw, prefix, notify=notify)
     (event,) = await reader
-    assert isinstance(entry_id, bytes)
-    assert event.id == f"{start.epoch}:{entry_id.decode()}"
+    epoch = (await broker.presence_snapshot(WS)).position.epoch
+    assert event.id == f"{epoch}:{entry_id.decode()}"
     assert (event.type, event.actor, event.data) == (
         "doc.updated", {"type": "service", "id": "billing"}, {"id": "doc-1", "title": "Q3"})
     assert await broker.read_after(WS, start) == [event]
+
+
+async def test_a_notified_append_reaches_a_follower_at_once_and_idle_logs_cost_no_reads(
+    nodes: Callable[..., Any], raw: Redis, prefix: str
+) -> None:
+    broker = await nodes("node-a")  # the audit only every minute
+    start = (await broker.presence_snapshot(WS)).position
+    reader = asyncio.create_task(collect(broker, start, 1, timeout=5))
+    await asyncio.sleep(0.2)
+    before = await _commands_processed(raw)
+    await asyncio.sleep(1.0)  # followed but idle: no command at all
+    assert await _commands_processed(raw) - before <= 2  # the two INFO calls themselves
+    await _service_append(raw, prefix, notify=True)
+    assert len(await reader) == 1
+
+
+async def _commands_processed(raw: Redis) -> int:
+    return int((await raw.info("stats"))["total_commands_processed"])
 
 
 async def test_malformed_entries_are_skipped_and_the_feed_goes_on(
@@ -223,8 +252,8 @@ async def test_a_node_that_stops_heartbeating_is_reaped_once_with_one_left_per_u
     await doomed.change_presence(WS, "u2", stream_opened("u2", actor("u2"), doomed.node_id))
     await doomed.change_presence(WS, "u3", session_join("u3", actor("u3"), "c", doomed.node_id))
     await survivors[0].change_presence(WS, "u3", session_join("u3", actor("u3"), "d", "node-s1"))
-    assert doomed._heartbeat_task is not None
-    doomed._heartbeat_task.cancel()  # as if SIGKILLed: no goodbye, the key just expires
+    assert doomed._liveness._heartbeat_task is not None
+    doomed._liveness._heartbeat_task.cancel()  # as if SIGKILLed: no goodbye, the key just expires
     await asyncio.sleep(0.8)
     await asyncio.gather(*(s.sweep() for s in survivors), *(s.sweep() for s in survivors))
     for survivor in survivors:
@@ -251,13 +280,13 @@ async def test_a_node_that_lapsed_re_asserts_after_being_reaped(nodes: Callable[
 
     paused.on_reassert(reassert)
     await paused.change_presence(WS, "u1", session_join("u1", actor("u1"), "s1", paused.node_id))
-    task = paused._heartbeat_task
+    task = paused._liveness._heartbeat_task
     assert task is not None
     task.cancel()  # SIGSTOP
     await asyncio.sleep(0.8)
     await peer.sweep()
     assert (await peer.presence_snapshot(WS)).members == {}
-    paused._heartbeat_task = asyncio.create_task(paused._heartbeat_loop())  # SIGCONT
+    paused._liveness._heartbeat_task = asyncio.create_task(paused._liveness._heartbeat_loop())  # SIGCONT
     for _ in range(50):
         if calls:
             break
@@ -404,8 +433,8 @@ async def test_a_reaper_racing_a_paused_node_leaves_no_ghost(nodes: Callable[...
 
     paused.on_reassert(reassert)
     await join(w1, "u1", "s1")
-    assert paused._heartbeat_task is not None
-    await stop(paused._heartbeat_task)  # SIGSTOP, long enough for the key to expire
+    assert paused._liveness._heartbeat_task is not None
+    await stop(paused._liveness._heartbeat_task)  # SIGSTOP, long enough for the key to expire
     await paused._redis.delete(paused.keys.alive("node-a"))
     # The reaper works on ws-1 while the node, running again, has a user join ws-2.
     original = reaper.change_presence
@@ -417,16 +446,16 @@ async def test_a_reaper_racing_a_paused_node_leaves_no_ghost(nodes: Callable[...
         return outcome
 
     reaper.change_presence = racing  # type: ignore[method-assign]
-    await reaper._reap("node-a", force=False)
+    await reaper._liveness.reap("node-a", force=False)
     reaper.change_presence = original  # type: ignore[method-assign]
     # The node beats again: it was reaped, so it re-asserts what it holds.
-    paused._heartbeat_task = asyncio.create_task(paused._heartbeat_loop())
+    paused._liveness._heartbeat_task = asyncio.create_task(paused._liveness._heartbeat_loop())
     await asyncio.wait_for(reasserted.wait(), 5)
     assert sorted((await reaper.presence_snapshot(w1)).members) == ["u1"]
     assert sorted((await reaper.presence_snapshot(w2)).members) == ["u2"]
     # Now the node dies for good: every user it held must go.
-    await stop(paused._heartbeat_task)
-    paused._heartbeat_task = None
+    await stop(paused._liveness._heartbeat_task)
+    paused._liveness._heartbeat_task = None
     await paused._redis.delete(paused.keys.alive("node-a"))
     await reaper.sweep()
     assert (await reaper.presence_snapshot(w1)).members == {}
@@ -457,8 +486,8 @@ async def test_an_unchanged_record_still_indexes_the_workspace_for_the_reaper(
 async def _rollback_setup(
     nodes: Callable[..., Any], raw: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[list[RedisBroker], list[str], EventId, Envelope, dict[str, bytes | None]]:
-    monkeypatch.setattr(broker_redis, "TAIL_BLOCK_MS", 200)  # re-check often: a faster test
-    brokers = [await nodes("node-a"), await nodes("node-b")]
+    # A restore is no append: nothing notifies the followers; the audit reads every second.
+    brokers = [await nodes("node-a", audit_period=0.2), await nodes("node-b", audit_period=0.2)]
     reasserted: list[str] = []
     for broker in brokers:
         broker.on_reassert(functools.partial(_note, reasserted, broker.node_id))
@@ -483,7 +512,7 @@ async def _restore(raw: Redis, saved: dict[str, bytes | None]) -> None:
 
 
 async def _follow(broker: RedisBroker, after: EventId, got: list[Envelope]) -> None:
-    async for batch in broker.tail(WS, after):
+    async for batch in tail(broker, WS, after):
         got.extend(batch)
 
 
@@ -511,9 +540,9 @@ async def test_a_log_that_lost_entries_it_had_gets_a_new_epoch(
     if append_after:  # a write lands before any reader looks: ids are newer than those lost
         clock.advance(1)
         await a.append(WS, "doc.updated", actor("svc"), {"n": 3})
-    for tail in tails:
+    for reader in tails:
         with pytest.raises(HistoryGone):
-            await asyncio.wait_for(tail, 10)
+            await asyncio.wait_for(reader, 10)
     assert all(got == [first, *lost] for got in seen)  # nothing after the loss was delivered
     assert (await a.presence_snapshot(WS)).position.epoch != start.epoch
     # A client that had read only the first event is reset too, not handed a silent gap.
@@ -574,7 +603,7 @@ async def test_bursts_beyond_the_pool_size_wait_for_a_connection(nodes: Callable
 
     async def first_two(workspace: WorkspaceKey, after: EventId) -> list[Envelope]:
         got: list[Envelope] = []
-        async for batch in broker.tail(workspace, after):
+        async for batch in tail(broker, workspace, after):
             got.extend(batch)
             if len(got) >= 2:
                 break
@@ -620,8 +649,8 @@ async def test_a_corrupt_record_does_not_stop_the_sweep(
     await raw.hset(keys.records(WS), "bad", "{not json")
     await raw.zadd(keys.expiry(WS), {"bad": clock.now() + 1})
     await raw.zadd(keys.expiring, {workspace_tag(WS): clock.now() + 1})
-    assert doomed._heartbeat_task is not None
-    await stop(doomed._heartbeat_task)
+    assert doomed._liveness._heartbeat_task is not None
+    await stop(doomed._liveness._heartbeat_task)
     await raw.delete(keys.alive("node-doomed"))
     clock.advance(60)
     await survivor.sweep()
@@ -644,8 +673,8 @@ async def test_dead_nodes_are_reaped_however_many_nodes_are_alive(
             pipe.set(keys.alive(node), "x", px=60_000)
         pipe.sadd(keys.nodes, *alive)
         await pipe.execute()
-    assert doomed._heartbeat_task is not None
-    await stop(doomed._heartbeat_task)
+    assert doomed._liveness._heartbeat_task is not None
+    await stop(doomed._liveness._heartbeat_task)
     await raw.delete(keys.alive("node-doomed"))
     for _ in range(30):
         await survivor.sweep()

@@ -22,7 +22,7 @@ from gateway.auth import SYNC_READ, Identity, bearer_token
 from gateway.core import Gateway
 from gateway.handlers.common import gateway_of, parse, query_of, workspace_of
 from gateway.handlers.params import StreamQuery
-from gateway.hub import Closed, Outbox, Resync, encoded, is_after, replay_or_reset, sync_envelope
+from gateway.hub import Closed, Outbox, Replay, Resync, encoded, is_after, sync_envelope
 from protocol import sse
 from protocol.envelope import SYNC_RESET, SYNC_TOKEN_EXPIRED, Envelope, EventId, WorkspaceKey
 from protocol.errors import ApiError
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 TRANSPORT = "sse"
 WRITE_BATCH = 64
-REPLAY_PAGE = 64
 
 
 async def _identity(request: web.Request, gateway: Gateway, workspace: WorkspaceKey) -> Identity:
@@ -77,7 +76,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     timer: asyncio.Task[None] | None = None
     held = False
     try:
-        first, cursor = await replay_or_reset(gateway.broker, feed, snapshot, since)
+        replay = await Replay(gateway.broker, workspace, snapshot, since).start()
         await gateway.stream_opened(identity, workspace)
         held = True
         response = EventSourceResponse(
@@ -93,8 +92,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
             _end_at(gateway, outbox, gateway.clock.now() + query.timeout, identity.expires_at)
         )
         await response.write(sse.retry(gateway.settings.retry_ms))
-        await _replay(response, first)
-        await _pump(gateway, response, outbox, workspace, cursor)
+        await _replay(response, replay)
+        await _pump(gateway, response, outbox, workspace, replay.cursor)
     except ConnectionResetError:
         if response is None:
             raise
@@ -114,13 +113,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _replay(response: EventSourceResponse, events: list[Envelope]) -> None:
+async def _replay(response: EventSourceResponse, replay: Replay) -> None:
     """Write the replay a page at a time, waiting for each write: a client resuming far back
-    never makes the node hold more than a page of encoded events for it. Replayed envelopes
-    may be the broker's retained ones, so their encodings are not cached on them."""
-    while events:
-        page = events[:REPLAY_PAGE]
-        del events[:REPLAY_PAGE]  # let go of what is written
+    never makes the node hold more than a page of events for it. Replayed envelopes may be
+    the broker's retained ones, so their encodings are not cached on them."""
+    async for page in replay.pages():
         await response.write(b"".join(sse.encode_envelope(envelope) for envelope in page))
 
 

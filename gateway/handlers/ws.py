@@ -31,11 +31,11 @@ from gateway.broker import BackendUnavailable
 from gateway.channel import OVERFLOW, Frame, Outgoing, Subscription, TokenBucket
 from gateway.core import Gateway
 from gateway.handlers.common import gateway_of, workspace_of
-from gateway.hub import Closed, Feed, encoded, replay_or_reset, sync_envelope
+from gateway.hub import Closed, Feed, Replay, encoded, sync_envelope
 from gateway.origins import origin_allowed
 from gateway.presence import Resource
 from protocol.codecs import MSGPACK
-from protocol.envelope import SYNC_RESET, SYNC_TOKEN_EXPIRED, Envelope, WorkspaceKey
+from protocol.envelope import SYNC_TOKEN_EXPIRED, Envelope, WorkspaceKey
 from protocol.errors import ApiError, ValidationFailed, authentication_failed, format_timestamp
 from protocol.ws import (
     SUBPROTOCOLS,
@@ -414,18 +414,19 @@ async def _subscribe(conn: Connection, message: Subscribe) -> Answer:
     snapshot = feed.attach(subscription)  # live events from here on wait in the subscription
     conn.subscriptions[workspace] = (feed, subscription)
     try:
-        first, cursor = await replay_or_reset(gateway.broker, feed, snapshot, message.since)
+        replay = await Replay(gateway.broker, workspace, snapshot, message.since).start()
     except BaseException:
         feed.detach(subscription)
         del conn.subscriptions[workspace]
         raise
-    resumed = message.since is not None and not (first and first[0].type == SYNC_RESET)
+    resumed = message.since is not None and not replay.reset
     conn.answer(reply_message(message.ref, _workspace_data(
         workspace, subscribed=True, resumed=resumed, snapshot=snapshot.to_dict())))
-    for envelope in first:  # a replay: at the client's pace, never an overflow
-        if not await conn.outgoing.put(envelope):
-            return None
-    subscription.go_live(cursor)
+    async for page in replay.pages():  # a replay: at the client's pace, never an overflow
+        for envelope in page:
+            if not await conn.outgoing.put(envelope):
+                return None
+    subscription.go_live(replay.cursor)
     return None
 
 

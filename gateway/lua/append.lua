@@ -1,7 +1,10 @@
--- append.lua: append published events to a workspace log (creating its epoch if the log is new).
+-- append.lua: append published events to a workspace log (creating its epoch if the log is
+-- new) and notify the nodes that follow it.
 --
 -- KEYS[1]  epoch key          <prefix>:{<org>:<ws>}:epoch
 -- KEYS[2]  log stream         <prefix>:{<org>:<ws>}:log
+-- KEYS[3]  notify channel     <prefix>:{<org>:<ws>}:notify   (sharded pub/sub: SPUBLISH)
+-- KEYS[4]  high-water mark    <prefix>:{<org>:<ws>}:hw       the last id a node appended
 -- ARGV[1]  epoch to create when the workspace has none
 -- ARGV[2]  the node's clock, ms (entry ids are <ms>-<seq>; never below the stream's top id)
 -- ARGV[3]  retention by count: XADD MAXLEN ~ ARGV[3]
@@ -13,6 +16,8 @@ local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   epoch = ARGV[1]
   redis.call('SET', KEYS[1], epoch)
+else
+  redis.call('PERSIST', KEYS[1])  -- made by a read of a workspace that had no log
 end
 local result = {epoch}
 local fields = {}
@@ -31,4 +36,6 @@ for i = 5, #ARGV do
   end
 end
 redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[4])
+redis.call('SET', KEYS[4], result[#result])
+redis.call('SPUBLISH', KEYS[3], result[#result])
 return result

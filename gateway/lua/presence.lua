@@ -7,7 +7,9 @@
 -- KEYS[2]  records hash       <prefix>:{<org>:<ws>}:presence    user id -> record JSON
 -- KEYS[3]  log stream         <prefix>:{<org>:<ws>}:log
 -- KEYS[4]  expiry zset        <prefix>:{<org>:<ws>}:expiry      user id -> next expiry (s)
--- KEYS[5..] bound sets        <prefix>:{<org>:<ws>}:bound:<node> users bound to that node
+-- KEYS[5]  notify channel     <prefix>:{<org>:<ws>}:notify      (sharded pub/sub: SPUBLISH)
+-- KEYS[6]  high-water mark    <prefix>:{<org>:<ws>}:hw          the last id a node appended
+-- KEYS[7..] bound sets        <prefix>:{<org>:<ws>}:bound:<node> users bound to that node
 -- ARGV[1]  expected epoch ("" = none yet)
 -- ARGV[2]  epoch to create when there is none
 -- ARGV[3]  user id
@@ -15,8 +17,8 @@
 -- ARGV[5]  new record JSON ("" = delete the record)
 -- ARGV[6]  new next expiry in seconds ("" = none)
 -- ARGV[7]  the node's clock, ms          ARGV[8] XADD MAXLEN ~      ARGV[9] XTRIM MINID ~
--- ARGV[10] n: how many bound sets follow in KEYS[5..4+n]
--- ARGV[11..10+n] "+" (add the user to KEYS[4+i]) or "-" (remove the user from it)
+-- ARGV[10] n: how many bound sets follow in KEYS[7..6+n]
+-- ARGV[11..10+n] "+" (add the user to KEYS[6+i]) or "-" (remove the user from it)
 -- ARGV[11+n..] the events, 8 values each, as in append.lua
 -- Returns {"ok", epoch, id, ...} or {"conflict"}.
 local epoch = redis.call('GET', KEYS[1])
@@ -30,6 +32,8 @@ end
 if not epoch then
   epoch = ARGV[2]
   redis.call('SET', KEYS[1], epoch)
+else
+  redis.call('PERSIST', KEYS[1])  -- made by a read of a workspace that had no log
 end
 if ARGV[5] == '' then
   redis.call('HDEL', KEYS[2], ARGV[3])
@@ -44,9 +48,9 @@ end
 local n = tonumber(ARGV[10])
 for i = 1, n do
   if ARGV[10 + i] == '+' then
-    redis.call('SADD', KEYS[4 + i], ARGV[3])
+    redis.call('SADD', KEYS[6 + i], ARGV[3])
   else
-    redis.call('SREM', KEYS[4 + i], ARGV[3])
+    redis.call('SREM', KEYS[6 + i], ARGV[3])
   end
 end
 local result = {'ok', epoch}
@@ -65,5 +69,7 @@ for i = 11 + n, #ARGV do
 end
 if #result > 2 then
   redis.call('XTRIM', KEYS[3], 'MINID', '~', ARGV[9])
+  redis.call('SET', KEYS[6], result[#result])
+  redis.call('SPUBLISH', KEYS[5], result[#result])
 end
 return result

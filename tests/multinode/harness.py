@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ SECRET = "multinode-secret-" + "k" * 32
 ORG = "org-1"
 WORKSPACE = "ws-1"
 BASE = f"/v1/orgs/{ORG}/workspaces/{WORKSPACE}/sync"
+
+
+def base(workspace: str = WORKSPACE, org: str = ORG) -> str:
+    """The API path prefix of a workspace (``BASE`` is ``base()``)."""
+    return f"/v1/orgs/{org}/workspaces/{workspace}/sync"
 
 
 def token(sub: str, **extra: Any) -> str:
@@ -96,6 +102,381 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
+
+
+# --- Redis Cluster and Sentinel -----------------------------------------------------------------
+
+SLOTS = 16384
+#: The slot ranges ``redis-cli --cluster create`` gives three primaries (in the order listed).
+THREE_SHARDS: tuple[tuple[int, int], ...] = ((0, 5460), (5461, 10922), (10923, 16383))
+
+
+def redis_cli(port: int, *args: str, json_output: bool = False, timeout: float = 5.0) -> str:
+    """One ``redis-cli`` command against ``127.0.0.1:port``; its raw (or ``--json``) output.
+    Raises ``RuntimeError`` when redis-cli fails or the server answers an error."""
+    command = ["redis-cli", "-h", "127.0.0.1", "-p", str(port)]
+    command += ["--json"] if json_output else ["--raw"]
+    result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout)
+    out = result.stdout.strip()
+    if result.returncode != 0 or out.startswith(("ERR", "WRONGTYPE", "MOVED", "CLUSTERDOWN",
+                                                 "NOAUTH", "Could not connect")):
+        raise RuntimeError(f"redis-cli -p {port} {' '.join(args)}: {out} {result.stderr.strip()}")
+    return out
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (held open together while picked)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
+def _ping(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(64).startswith(b"+PONG")
+    return False
+
+
+def _spawn_redis(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """``redis-server`` with ``args``, loopback only, its log in ``log``."""
+    return subprocess.Popen(["redis-server", *args, "--logfile", str(log), "--daemonize", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_until(check: Callable[[], bool], timeout: float, what: str,
+                logs: Callable[[], str] = lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(RuntimeError, OSError, subprocess.TimeoutExpired, ValueError, KeyError,
+                                 IndexError):
+            if check():
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what}: not within {timeout}s\n{logs()}")
+
+
+def _stop_process(proc: subprocess.Popen[bytes] | None, *, sig: int = signal.SIGTERM) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def _crc16(data: bytes) -> int:
+    """CRC16-CCITT (XMODEM), the checksum Redis Cluster hashes keys with."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def key_slot(key: str | bytes) -> int:
+    """The cluster slot of ``key``: of its hash tag (the text between the first ``{`` and the
+    next ``}``, when not empty), else of the whole key."""
+    raw = key.encode() if isinstance(key, str) else key
+    start = raw.find(b"{")
+    if start >= 0:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1:end]
+    return _crc16(raw) % SLOTS
+
+
+def workspace_log_key(workspace: str = WORKSPACE, prefix: str = "gw", org: str = ORG) -> str:
+    """The gateway's stream key of a workspace (ids that need no escaping)."""
+    return f"{prefix}:{{{org}:{workspace}}}:log"
+
+
+def workspaces_on_every_shard(prefix: str = "gw", org: str = ORG, n_per_shard: int = 1, *,
+                              shards: Sequence[tuple[int, int]] = THREE_SHARDS) -> list[str]:
+    """Workspace ids (``ws-1``, ``ws-2``... the first that fit) whose keys land ``n_per_shard``
+    on each shard, shard by shard. ``shards``: each primary's slot range (by default the three
+    ranges of ``redis-cli --cluster create`` with three primaries)."""
+    found: list[list[str]] = [[] for _ in shards]
+    candidate = 0
+    while any(len(ids) < n_per_shard for ids in found):
+        candidate += 1
+        workspace = f"ws-{candidate}"
+        slot = key_slot(workspace_log_key(workspace, prefix, org))
+        for index, (low, high) in enumerate(shards):
+            if low <= slot <= high and len(found[index]) < n_per_shard:
+                found[index].append(workspace)
+    return [workspace for ids in found for workspace in ids]
+
+
+class RedisClusterServers:
+    """A private three-primary Redis Cluster (no replicas) on free loopback ports."""
+
+    size = 3
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        # The cluster bus listens on its own port: by default port + 10000, which is out of
+        # range for ephemeral ports above 55535, so each node gets a second free port for it.
+        picked = free_ports(2 * self.size)
+        self.ports, self.bus_ports = picked[:self.size], picked[self.size:]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.started_in: float | None = None  # seconds start() took
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def _dir(self, port: int) -> Path:
+        return self.dir / f"cluster-{port}"
+
+    def logs(self) -> str:
+        return "\n".join(f"--- redis {port} ---\n{_tail(self._dir(port) / 'redis.log', 15)}"
+                         for port in self.ports)
+
+    def start(self) -> None:
+        began = time.monotonic()
+        for port, bus_port in zip(self.ports, self.bus_ports, strict=True):
+            directory = self._dir(port)
+            directory.mkdir(parents=True, exist_ok=True)
+            self.procs[port] = _spawn_redis([
+                "--port", str(port), "--cluster-port", str(bus_port), "--bind", "127.0.0.1",
+                "--dir", str(directory),
+                "--cluster-enabled", "yes", "--cluster-config-file", str(directory / f"nodes-{port}.conf"),
+                "--cluster-node-timeout", "2000", "--appendonly", "no", "--save", "",
+            ], directory / "redis.log")
+        try:
+            for port in self.ports:
+                _wait_until(functools.partial(_ping, port), 10, f"cluster node {port} up", self.logs)
+            create = subprocess.run(
+                ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+                 "--cluster-replicas", "0", "--cluster-yes"],
+                capture_output=True, text=True, timeout=30,
+            )
+            if create.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}\n{create.stderr}")
+            _wait_until(self._all_ok, 20, "cluster_state:ok on every node", self.logs)
+            if self.shards() != list(THREE_SHARDS):
+                raise RuntimeError(f"unexpected slot layout: {self.shards()}")
+        except BaseException:
+            self.stop()
+            raise
+        self.started_in = time.monotonic() - began
+
+    def _all_ok(self) -> bool:
+        for port in self.ports:
+            info = redis_cli(port, "cluster", "info")
+            if "cluster_state:ok" not in info or "cluster_known_nodes:3" not in info:
+                return False
+        return True
+
+    def slot_map(self) -> dict[tuple[int, int], int]:
+        """(first slot, last slot) -> port of the primary serving them (``CLUSTER NODES``)."""
+        owners: dict[tuple[int, int], int] = {}
+        for line in redis_cli(self.ports[0], "cluster", "nodes").splitlines():
+            fields = line.split()
+            if len(fields) < 8 or "master" not in fields[2].split(","):
+                continue
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            for part in fields[8:]:
+                if part.startswith("["):  # a slot being migrated
+                    continue
+                low, _, high = part.partition("-")
+                owners[(int(low), int(high or low))] = port
+        return owners
+
+    def shards(self) -> list[tuple[int, int]]:
+        """The primaries' slot ranges in the order of ``ports`` (one range each after create)."""
+        owners = self.slot_map()
+        return [next(span for span, port in sorted(owners.items()) if port == p) for p in self.ports]
+
+    def slot_owner_port(self, key: str) -> int:
+        """Port of the primary that serves ``key``'s slot."""
+        slot = key_slot(key)
+        for (low, high), port in self.slot_map().items():
+            if low <= slot <= high:
+                return port
+        raise RuntimeError(f"no node serves slot {slot} of {key!r}")
+
+    def workspaces_on_every_shard(self, prefix: str = "gw", org: str = ORG,
+                                  n_per_shard: int = 1) -> list[str]:
+        return workspaces_on_every_shard(prefix, org, n_per_shard, shards=self.shards())
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            _stop_process(proc)
+
+
+class SentinelServers:
+    """A private primary, one replica and three sentinels (quorum 2) on free loopback ports;
+    sentinels declare a primary down after 1 s, so a failover takes a few seconds."""
+
+    service = "mymaster"
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        picked = free_ports(5)
+        self.first_primary = picked[0]
+        self.data_ports = picked[:2]
+        self.sentinel_ports = picked[2:]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.killed: list[int] = []  # data ports killed by kill_primary()
+        self.detached_at: float | None = None  # time.monotonic() of detach_replica()
+        self.started_in: float | None = None
+
+    @property
+    def url(self) -> str:
+        seeds = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{seeds}/{self.service}/0"
+
+    def _dir(self, port: int) -> Path:
+        return self.dir / f"{'sentinel' if port in self.sentinel_ports else 'redis'}-{port}"
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {self._dir(port).name} ---\n{_tail(self._dir(port) / 'redis.log', 15)}"
+                         for port in [*self.data_ports, *self.sentinel_ports])
+
+    def start(self) -> None:
+        began = time.monotonic()
+        primary, replica = self.data_ports
+        try:
+            for port in self.data_ports:
+                directory = self._dir(port)
+                directory.mkdir(parents=True, exist_ok=True)
+                args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+                        "--appendonly", "no", "--save", "",
+                        # the initial full sync starts at once (the default waits 5 s)
+                        "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
+                if port == replica:
+                    args += ["--replicaof", "127.0.0.1", str(primary)]
+                self.procs[port] = _spawn_redis(args, directory / "redis.log")
+            for port in self.data_ports:
+                _wait_until(functools.partial(_ping, port), 10, f"redis {port} up", self.logs)
+            # Before the sentinels start: a sentinel learns of replicas from the primary's INFO,
+            # which it reads every 10 s once connected, so a replica that connected later
+            # would be known only that much later.
+            _wait_until(lambda: self.replica_synced(primary), 20, "replica connected and in sync",
+                        self.logs)
+            for port in self.sentinel_ports:
+                directory = self._dir(port)
+                directory.mkdir(parents=True, exist_ok=True)
+                conf = directory / "sentinel.conf"  # sentinels rewrite their config: writable
+                conf.write_text(
+                    f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+                    f"sentinel resolve-hostnames no\n"
+                    f"sentinel monitor {self.service} 127.0.0.1 {primary} 2\n"
+                    f"sentinel down-after-milliseconds {self.service} 1000\n"
+                    f"sentinel failover-timeout {self.service} 3000\n"
+                    f"sentinel parallel-syncs {self.service} 1\n"
+                )
+                self.procs[port] = subprocess.Popen(
+                    ["redis-server", str(conf), "--sentinel", "--logfile", str(directory / "redis.log"),
+                     "--daemonize", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for port in self.sentinel_ports:
+                _wait_until(functools.partial(_ping, port), 10, f"sentinel {port} up", self.logs)
+            # Every sentinel must know the primary, the replica and both other sentinels
+            # (hello messages every 2 s), or a quorum could not be reached on a failure.
+            _wait_until(self._sentinels_ready, 20, "sentinels know primary, replica and peers", self.logs)
+        except BaseException:
+            self.stop()
+            raise
+        self.started_in = time.monotonic() - began
+
+    def _sentinels_ready(self) -> bool:
+        for port in self.sentinel_ports:
+            if self.sentinel_primary(port) != self.first_primary:
+                return False
+            fields = redis_cli(port, "sentinel", "master", self.service).splitlines()
+            state = dict(zip(fields[::2], fields[1::2], strict=False))
+            if state.get("num-slaves") != "1" or state.get("num-other-sentinels") != "2":
+                return False
+        return True
+
+    def sentinel_primary(self, sentinel_port: int) -> int | None:
+        """The primary's port according to one sentinel."""
+        lines = redis_cli(sentinel_port, "sentinel", "get-master-addr-by-name", self.service).splitlines()
+        return int(lines[1]) if len(lines) == 2 else None
+
+    def primary_port(self) -> int:
+        """The primary's port according to the first sentinel that answers."""
+        for port in self.sentinel_ports:
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired, ValueError):
+                answer = self.sentinel_primary(port)
+                if answer is not None:
+                    return answer
+        raise RuntimeError("no sentinel answers")
+
+    def replica_ports(self) -> list[int]:
+        return [port for port in self.data_ports if port != self.primary_port() and port not in self.killed]
+
+    def role(self, port: int) -> str:
+        return redis_cli(port, "role").splitlines()[0]
+
+    def replica_synced(self, primary: int | None = None) -> bool:
+        """The primary (by default the sentinels' one) has one connected replica whose
+        offset has caught up with its own."""
+        primary = self.primary_port() if primary is None else primary
+        info = dict(line.split(":", 1) for line in redis_cli(primary, "info", "replication").splitlines()
+                    if ":" in line)
+        if info.get("connected_slaves") != "1":
+            return False
+        offset = int(info["master_repl_offset"])
+        replica = info["slave0"]  # ip=127.0.0.1,port=...,state=online,offset=...,lag=...
+        fields = dict(part.split("=", 1) for part in replica.split(","))
+        return fields.get("state") == "online" and int(fields["offset"]) >= offset
+
+    def wait_replica_synced(self, timeout: float = 10.0) -> None:
+        _wait_until(self.replica_synced, timeout, "replica caught up", self.logs)
+
+    def detach_replica(self) -> int:
+        """Make the replica fall behind on purpose: it stops replicating (``REPLICAOF`` a
+        closed port) but keeps its data and stays a failover candidate, so writes from now on
+        are lost if the primary dies. The sentinels point it back at the primary after
+        ``failover-timeout`` (3 s): kill the primary before. Returns the replica's port."""
+        (replica,) = self.replica_ports()
+        (closed,) = free_ports(1)
+        redis_cli(replica, "replicaof", "127.0.0.1", str(closed))
+        self.detached_at = time.monotonic()
+        return replica
+
+    def kill_primary(self) -> int:
+        """SIGKILL the current primary (no shutdown save, no goodbye); its port."""
+        port = self.primary_port()
+        proc = self.procs[port]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        self.killed.append(port)
+        return port
+
+    def wait_failover(self, timeout: float = 20.0) -> int:
+        """Until every sentinel names a primary other than the killed one, and that server's
+        ``ROLE`` is master; its port."""
+        assert self.killed, "kill_primary() first"
+        old = self.killed[-1]
+        result: list[int] = []
+
+        def promoted() -> bool:
+            answers = {self.sentinel_primary(port) for port in self.sentinel_ports}
+            if len(answers) != 1:
+                return False
+            (new,) = answers
+            if new is None or new == old or self.role(new) != "master":
+                return False
+            result[:] = [new]
+            return True
+
+        _wait_until(promoted, timeout, "sentinel failover", self.logs)
+        return result[0]
+
+    def stop(self) -> None:
+        for port in [*self.sentinel_ports, *self.data_ports]:
+            _stop_process(self.procs.get(port))
 
 
 @dataclass
@@ -176,8 +557,9 @@ class Stream:
     """An SSE subscription read in the background; events and ``retry:`` hints collected."""
 
     def __init__(self, session: aiohttp.ClientSession, node: Node, user: str,
-                 last_event_id: str | None = None) -> None:
+                 last_event_id: str | None = None, workspace: str = WORKSPACE) -> None:
         self.session, self.node, self.user = session, node, user
+        self.workspace = workspace
         self.last_event_id = last_event_id
         self.events: list[Event] = []
         self.retries: list[int] = []
@@ -192,7 +574,7 @@ class Stream:
         if self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
         self.response = await self.session.get(
-            f"{self.node.url}{BASE}/stream", headers=headers,
+            f"{self.node.url}{base(self.workspace)}/stream", headers=headers,
             timeout=aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=5),
         )
         if self.response.status != 200:
@@ -234,7 +616,7 @@ class Stream:
         while not predicate(self):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"timed out on {self.node.name}: {self.summary()}")
+                raise AssertionError(f"timed out on {self.node.name}/{self.workspace}: {self.summary()}")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
@@ -267,8 +649,9 @@ async def call(session: aiohttp.ClientSession, method: str, url: str, user: str,
         return response.status, body
 
 
-async def members(session: aiohttp.ClientSession, node: Node, user: str = "observer") -> list[str]:
-    status, body = await call(session, "GET", f"{node.url}{BASE}/presence", user)
+async def members(session: aiohttp.ClientSession, node: Node, user: str = "observer",
+                  workspace: str = WORKSPACE) -> list[str]:
+    status, body = await call(session, "GET", f"{node.url}{base(workspace)}/presence", user)
     assert status == 200, body
     return [member["user_id"] for member in body["members"]]
 

@@ -1,5 +1,9 @@
 """Several real gateway processes on one real (private) Redis, as users see them.
 
+The scenarios that take the ``topology`` fixture run twice: on one redis-server (workspace
+``ws-1``) and on a three-primary Redis Cluster (one workspace on each primary, the same code).
+Those that kill or restart the Redis itself run on the single server only.
+
 Nodes run with ``--node-timeout 3 --disconnect-grace 2 --sweep-interval 0.2``; every
 wait below is bounded, and the bounds say what the product promises (e.g. a killed
 node's users leave within node_timeout plus one sweep).
@@ -15,13 +19,15 @@ import time
 import aiohttp
 import pytest
 
-from tests.multinode.conftest import Spawner
+from tests.multinode.conftest import Spawner, Topology
 from tests.multinode.harness import (
     BASE,
     ORG,
     WORKSPACE,
+    Node,
     Stream,
     auth,
+    base,
     call,
     eventually,
     members,
@@ -39,127 +45,153 @@ def published(stream: Stream) -> list[str]:
 
 
 async def test_presence_and_events_cross_nodes_in_one_order_and_a_late_node_agrees(
-    spawn: Spawner, session: aiohttp.ClientSession
+    spawn: Spawner, session: aiohttp.ClientSession, topology: Topology
 ) -> None:
-    redis = spawn.redis()
+    redis = topology.server
     a, b = await spawn.start(redis, "node-a", "node-b")
-    streams = [await Stream(session, node, f"watch-{node.name}").open() for node in (a, b)]
-    for stream in streams:
+    streams = {ws: [await Stream(session, node, f"watch-{node.name}", workspace=ws).open()
+                    for node in (a, b)] for ws in topology.workspaces}
+    for stream in _all(streams):
         await stream.wait_for(lambda s: bool(s.of_type("sync.snapshot")), 5)
 
-    status, _ = await call(session, "POST", f"{a.url}{BASE}/presence/join", "u1")
-    assert status == 200
-    # The other node's replica has it (read from the log), without any call to it.
-    await eventually(functools.partial(_has, session, b, "u1"), 2)
+    for ws in topology.workspaces:
+        status, _ = await call(session, "POST", f"{a.url}{base(ws)}/presence/join", "u1")
+        assert status == 200
+    for ws in topology.workspaces:
+        # The other node's replica has it (read from the log), without any call to it.
+        await eventually(functools.partial(_has, session, b, "u1", ws), 2)
 
-    async def publish(node_index: int, n: int) -> str:
+    async def publish(ws: str, node_index: int, n: int) -> str:
         node = (a, b)[node_index]
-        status, body = await call(session, "POST", f"{node.url}{BASE}/events", "svc",
+        status, body = await call(session, "POST", f"{node.url}{base(ws)}/events", "svc",
                                   json={"type": "doc.updated", "data": {"n": n}})
         assert status == 200, body
         return str(body["id"])
 
-    ids = await asyncio.gather(*(publish(n % 2, n) for n in range(40)),
-                               call(session, "POST", f"{b.url}{BASE}/presence/join", "u2"),
-                               call(session, "POST", f"{a.url}{BASE}/presence/viewing?"
-                                    "resource_type=document&resource_id=d1", "u2"))
-    event_ids = set(ids[:40])
-    for stream in streams:
-        await stream.wait_for(lambda s: event_ids <= set(published(s)), 10)
-    # Same events, same order, same ids, whichever node delivered them.
-    assert published(streams[0]) == published(streams[1])
-    assert [e.data for e in streams[0].events[1:]] == [e.data for e in streams[1].events[1:]]
+    async def traffic(ws: str) -> None:
+        ids = await asyncio.gather(*(publish(ws, n % 2, n) for n in range(40)),
+                                   call(session, "POST", f"{b.url}{base(ws)}/presence/join", "u2"),
+                                   call(session, "POST", f"{a.url}{base(ws)}/presence/viewing?"
+                                        "resource_type=document&resource_id=d1", "u2"))
+        event_ids = set(ids[:40])
+        for stream in streams[ws]:
+            await stream.wait_for(lambda s: event_ids <= set(published(s)), 10)
+        # Same events, same order, same ids, whichever node delivered them. (Both streams only
+        # grow: once equal, they agree on the order of everything so far. The presence changes
+        # may still be in flight to one of them when the published events are in.)
+        first, second = streams[ws]
+
+        async def agree() -> bool:
+            return published(first) == published(second) and (
+                [e.data for e in first.events[1:]] == [e.data for e in second.events[1:]])
+
+        await eventually(agree, 5)
+
+    await asyncio.gather(*(traffic(ws) for ws in topology.workspaces))
 
     # A node started now serves the same presence at once (its replica starts from Redis).
     (c,) = await spawn.start(redis, "node-c")
-    status_c, on_c = await call(session, "GET", f"{c.url}{BASE}/presence", "observer")
-    status_a, on_a = await call(session, "GET", f"{a.url}{BASE}/presence", "observer")
-    assert (status_c, status_a) == (200, 200)
-    assert on_c == on_a
-    assert [m["user_id"] for m in on_c["members"]] == ["u1", "u2"]
-    for stream in streams:
+    for ws in topology.workspaces:
+        status_c, on_c = await call(session, "GET", f"{c.url}{base(ws)}/presence", "observer")
+        status_a, on_a = await call(session, "GET", f"{a.url}{base(ws)}/presence", "observer")
+        assert (status_c, status_a) == (200, 200)
+        assert on_c == on_a
+        assert [m["user_id"] for m in on_c["members"]] == ["u1", "u2"]
+    for stream in _all(streams):
         await stream.close()
 
 
-async def _has(session: aiohttp.ClientSession, node: object, user: str) -> bool:
-    return user in await members(session, node)  # type: ignore[arg-type]
+def _all(streams: dict[str, list[Stream]]) -> list[Stream]:
+    return [stream for per_workspace in streams.values() for stream in per_workspace]
 
 
-async def _lacks(session: aiohttp.ClientSession, node: object, user: str) -> bool:
-    return user not in await members(session, node)  # type: ignore[arg-type]
+async def _has(session: aiohttp.ClientSession, node: object, user: str, workspace: str = WORKSPACE) -> bool:
+    return user in await members(session, node, workspace=workspace)  # type: ignore[arg-type]
+
+
+async def _lacks(session: aiohttp.ClientSession, node: object, user: str, workspace: str = WORKSPACE) -> bool:
+    return user not in await members(session, node, workspace=workspace)  # type: ignore[arg-type]
 
 
 async def test_resume_with_last_event_id_on_another_node(
-    spawn: Spawner, session: aiohttp.ClientSession
+    spawn: Spawner, session: aiohttp.ClientSession, topology: Topology
 ) -> None:
-    redis = spawn.redis()
-    a, b = await spawn.start(redis, "node-a", "node-b")
-    first = await Stream(session, a, "reader").open()
-    sent = []
-    for n in range(5):
-        sent.append((await call(session, "POST", f"{a.url}{BASE}/events", "svc",
-                                json={"type": "doc.updated", "data": {"n": n}}))[1]["id"])
-    await first.wait_for(lambda s: set(sent) <= set(published(s)), 5)
-    last_seen = published(first)[-1]
-    await first.close()
-    missed = []
-    for n in range(5, 10):
-        node = (a, b)[n % 2]
-        missed.append((await call(session, "POST", f"{node.url}{BASE}/events", "svc",
-                                  json={"type": "doc.updated", "data": {"n": n}}))[1]["id"])
-    resumed = await Stream(session, b, "reader", last_event_id=last_seen).open()
-    await resumed.wait_for(lambda s: len(s.events) >= 5, 5)
-    assert [e.id for e in resumed.events[:5]] == missed  # exactly once, in order, no reset
-    assert not resumed.of_type("sync.reset", "sync.snapshot")
-    live = (await call(session, "POST", f"{a.url}{BASE}/events", "svc",
-                       json={"type": "doc.updated", "data": {"n": 10}}))[1]["id"]
-    await resumed.wait_for(lambda s: live in published(s), 5)
-    assert published(resumed) == [*missed, live]
-    await resumed.close()
+    a, b = await spawn.start(topology.server, "node-a", "node-b")
+
+    async def publish(node: Node, ws: str, n: int) -> str:
+        status, body = await call(session, "POST", f"{node.url}{base(ws)}/events", "svc",
+                                  json={"type": "doc.updated", "data": {"n": n}})
+        assert status == 200, body
+        return str(body["id"])
+
+    async def scenario(ws: str) -> None:
+        first = await Stream(session, a, "reader", workspace=ws).open()
+        sent = [await publish(a, ws, n) for n in range(5)]
+        await first.wait_for(lambda s: set(sent) <= set(published(s)), 5)
+        last_seen = published(first)[-1]
+        await first.close()
+        missed = [await publish((a, b)[n % 2], ws, n) for n in range(5, 10)]
+        resumed = await Stream(session, b, "reader", last_event_id=last_seen, workspace=ws).open()
+        await resumed.wait_for(lambda s: len(s.events) >= 5, 5)
+        assert [e.id for e in resumed.events[:5]] == missed  # exactly once, in order, no reset
+        assert not resumed.of_type("sync.reset", "sync.snapshot")
+        live = await publish(a, ws, 10)
+        await resumed.wait_for(lambda s: live in published(s), 5)
+        assert published(resumed) == [*missed, live]
+        await resumed.close()
+
+    await asyncio.gather(*(scenario(ws) for ws in topology.workspaces))
 
 
 async def test_a_killed_node_leaves_no_ghosts_one_left_per_user_within_the_timeout(
-    spawn: Spawner, session: aiohttp.ClientSession
+    spawn: Spawner, session: aiohttp.ClientSession, topology: Topology
 ) -> None:
-    redis = spawn.redis()
-    a, b = await spawn.start(redis, "node-a", "node-b", node_timeout=NODE_TIMEOUT)
-    watcher = await Stream(session, a, "watcher").open()
-    # u1: REST presence kept alive by an SSE stream on b. u2: two WebSockets joined on b.
-    # u3: REST presence only (not bound to any node). u4: a socket on b and one on a.
-    await call(session, "POST", f"{a.url}{BASE}/presence/join", "u1")
-    u1_stream = await Stream(session, b, "u1").open()
+    a, b = await spawn.start(topology.server, "node-a", "node-b", node_timeout=NODE_TIMEOUT)
+    # In every workspace: u1: REST presence kept alive by an SSE stream on b. u2: two
+    # WebSockets joined on b. u3: REST presence only (not bound to any node). u4: a socket on
+    # b and one on a.
+    watchers: dict[str, Stream] = {}
+    streams: list[Stream] = []
     sockets = []
-    for user, node in (("u2", b), ("u2", b), ("u4", b), ("u4", a)):
-        ws = await session.ws_connect(f"{node.url.replace('http', 'ws')}/v1/sync/ws",
-                                      headers=auth(user))
-        await ws.send_json({"op": "join", "org_id": ORG, "workspace_id": WORKSPACE, "ref": 1})
-        reply = await ws.receive_json(timeout=5)
-        assert reply["op"] == "reply", reply
-        sockets.append(ws)
-    await call(session, "POST", f"{b.url}{BASE}/presence/join", "u3")
-    await eventually(lambda: _members_are(session, a, ["u1", "u2", "u3", "u4"]), 3)
+    for ws in topology.workspaces:
+        watchers[ws] = await Stream(session, a, "watcher", workspace=ws).open()
+        await call(session, "POST", f"{a.url}{base(ws)}/presence/join", "u1")
+        streams.append(await Stream(session, b, "u1", workspace=ws).open())
+        for user, node in (("u2", b), ("u2", b), ("u4", b), ("u4", a)):
+            conn = await session.ws_connect(f"{node.url.replace('http', 'ws')}/v1/sync/ws",
+                                            headers=auth(user))
+            await conn.send_json({"op": "join", "org_id": ORG, "workspace_id": ws, "ref": 1})
+            reply = await conn.receive_json(timeout=5)
+            assert reply["op"] == "reply", reply
+            sockets.append(conn)
+        await call(session, "POST", f"{b.url}{base(ws)}/presence/join", "u3")
+    for ws in topology.workspaces:
+        await eventually(functools.partial(_members_are, session, a, ["u1", "u2", "u3", "u4"], ws), 3)
 
     b.signal(signal.SIGKILL)
     killed_at = time.monotonic()
-    await watcher.wait_for(
-        lambda s: {("presence.left", "u1"), ("presence.left", "u2")} <= set(s.presence()),
-        NODE_TIMEOUT + SLACK,
-    )
+    for watcher in watchers.values():
+        await watcher.wait_for(
+            lambda s: {("presence.left", "u1"), ("presence.left", "u2")} <= set(s.presence()),
+            max(0.0, killed_at + NODE_TIMEOUT + SLACK - time.monotonic()),
+        )
     assert time.monotonic() - killed_at <= NODE_TIMEOUT + SLACK
     await asyncio.sleep(GRACE + 1.0)  # nothing more may come: no duplicates, no late lefts
-    lefts = [user for kind, user in watcher.presence() if kind == "presence.left"]
-    assert sorted(lefts) == ["u1", "u2"]
-    for left in watcher.of_type("presence.left"):
-        assert left.data is not None and left.data["data"]["reason"] == "node_down"
-    assert await members(session, a) == ["u3", "u4"]
-    for ws in sockets:
-        await ws.close()
-    await u1_stream.close()
-    await watcher.close()
+    for ws, watcher in watchers.items():
+        lefts = [user for kind, user in watcher.presence() if kind == "presence.left"]
+        assert sorted(lefts) == ["u1", "u2"], ws
+        for left in watcher.of_type("presence.left"):
+            assert left.data is not None and left.data["data"]["reason"] == "node_down"
+        assert await members(session, a, workspace=ws) == ["u3", "u4"]
+    for conn in sockets:
+        await conn.close()
+    for stream in [*streams, *watchers.values()]:
+        await stream.close()
 
 
-async def _members_are(session: aiohttp.ClientSession, node: object, expected: list[str]) -> bool:
-    return await members(session, node) == expected  # type: ignore[arg-type]
+async def _members_are(session: aiohttp.ClientSession, node: object, expected: list[str],
+                       workspace: str = WORKSPACE) -> bool:
+    return await members(session, node, workspace=workspace) == expected  # type: ignore[arg-type]
 
 
 async def test_a_paused_node_is_reaped_then_re_asserts_what_is_still_live(

@@ -1,0 +1,275 @@
+"""Which Redis the gateway talks to, chosen by the URL's scheme (SPEC §8), and its connections.
+
+* ``redis://host:port/db``, ``rediss://…``, ``unix://…`` — one Redis;
+* ``redis+cluster://host:port[,host:port…]`` (``rediss+cluster://`` with TLS) — Redis
+  Cluster: the listed nodes are seeds, the rest is discovered (redis-py's cluster client);
+* ``redis+sentinel://host:port[,host:port…]/<service>[/db]`` — the primary a set of
+  Sentinels names, followed through failovers (redis-py's Sentinel client).
+
+Whatever the topology, a node holds a bounded number of connections per Redis primary:
+at most ``max_connections`` for commands (a caller waits up to ``pool_wait`` for one, then
+gets a connection error) plus one per primary for the notifications of the logs it
+follows (``Shard.pubsub``). Credentials in the URL go to redis-py only; ``describe``
+gives a URL safe to log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+SCHEMES: Final = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel",
+                  "rediss+sentinel")
+DEFAULT_PORT: Final = 6379
+DEFAULT_SENTINEL_PORT: Final = 26379
+
+
+@dataclass(frozen=True, slots=True)
+class RedisUrl:
+    """A parsed ``--redis-url``."""
+
+    kind: str  # "single", "cluster" or "sentinel"
+    url: str  # as given (single: handed to redis-py as is)
+    hosts: tuple[tuple[str, int], ...] = ()  # cluster seeds or sentinels
+    service: str = ""  # sentinel: the monitored primary's name
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> RedisUrl:
+        """Raises ``ValueError`` with a message fit for an operator (never the password)."""
+        scheme, _, rest = url.partition("://")
+        if not rest or scheme not in SCHEMES:
+            raise ValueError("unsupported Redis URL (use redis://, rediss://, unix://, "
+                             "redis+cluster://host:port[,host:port...] or "
+                             "redis+sentinel://host:port[,host:port...]/service[/db])")
+        if scheme in ("redis", "rediss", "unix"):
+            return cls("single", url)
+        userinfo, _, location = rest.rpartition("@")
+        username = password = None
+        if userinfo:
+            user, has_password, secret = userinfo.partition(":")
+            username = unquote(user) or None
+            password = unquote(secret) if has_password else None
+        hostlist, _, path = location.partition("/")
+        default_port = DEFAULT_SENTINEL_PORT if "sentinel" in scheme else DEFAULT_PORT
+        hosts = tuple(_host_port(item, default_port) for item in hostlist.split(",") if item)
+        if not hosts:
+            raise ValueError(f"{scheme}:// needs at least one host:port")
+        parts = [part for part in path.split("/") if part]
+        if "cluster" in scheme:
+            if parts:
+                raise ValueError("a Redis Cluster URL takes no path (a cluster has database 0 only)")
+            return cls("cluster", url, hosts, username=username, password=password,
+                       tls=scheme.startswith("rediss"))
+        if not parts or len(parts) > 2:
+            raise ValueError("a Sentinel URL names the service: redis+sentinel://host:port/<service>[/db]")
+        db = _integer(parts[1], "database") if len(parts) == 2 else 0
+        return cls("sentinel", url, hosts, unquote(parts[0]), db, username, password,
+                   tls=scheme.startswith("rediss"))
+
+    def describe(self) -> str:
+        """The URL without credentials, for logs."""
+        if self.kind == "single":
+            parts = urlsplit(self.url)
+            host = parts.hostname or ""
+            port = f":{parts.port}" if parts.port else ""
+            return f"{parts.scheme}://{host}{port}{parts.path}"
+        hosts = ",".join(f"{host}:{port}" for host, port in self.hosts)
+        tail = f"/{self.service}/{self.db}" if self.kind == "sentinel" else ""
+        return f"redis+{self.kind}://{hosts}{tail}"
+
+
+def _host_port(item: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[v6 address]:port``."""
+    if item.startswith("["):
+        host, _, rest = item[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif item.count(":") == 1:
+        host, port = item.split(":")
+    else:
+        host, port = item, ""
+    return host, _integer(port, "port") if port else default_port
+
+
+def _integer(text: str, what: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"the {what} in the Redis URL must be a number")
+    return int(text)
+
+
+class _LimitedCluster(RedisCluster):
+    """redis-py's cluster client raises at once when a node's pool is exhausted; this one
+    makes callers wait (at most ``pool_wait``) for one of ``max_connections`` slots, as
+    ``BlockingConnectionPool`` does for one Redis. Every command holds one slot, so no node
+    ever sees more than ``max_connections`` command connections from this node."""
+
+    def __init__(self, *args: Any, pool_wait: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = asyncio.Semaphore(kwargs["max_connections"])
+        self._pool_wait = pool_wait
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self._pool_wait):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise RedisConnectionError("no free Redis connection (cluster)") from None
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.slot():
+            return await super().execute_command(*args, **kwargs)
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The Sentinel-managed pool (follows failovers), waiting for a free connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One Redis primary, as the follower of logs sees it: where to subscribe."""
+
+    name: str
+    client: Redis  # a client on this primary alone (its pool: one pub/sub connection)
+
+    def pubsub(self) -> PubSub:
+        return self.client.pubsub()
+
+
+class RedisClients:
+    """The connections of one node to one Redis topology.
+
+    ``commands`` is redis-py's client for it (``Redis`` or ``RedisCluster``): every
+    per-workspace script and command runs there; a batch of script calls goes through
+    ``run_scripts`` (one pipeline on one Redis, concurrent calls routed per slot on a
+    cluster). ``shards`` are the primaries, for subscriptions."""
+
+    def __init__(self, url: str, *, max_connections: int, pool_wait: float,
+                 common: dict[str, Any]) -> None:
+        self.url = RedisUrl.parse(url)
+        self.max_connections = max_connections
+        self._pool_wait = pool_wait
+        self._shards: dict[str, Shard] = {}
+        self._sentinel: Sentinel | None = None
+        self.commands: Any
+        self._common = common
+        if self.url.kind == "single":
+            self.commands = self._single(max_connections)
+        elif self.url.kind == "sentinel":
+            auth = {"username": self.url.username, "password": self.url.password}
+            self._sentinel = Sentinel(
+                list(self.url.hosts), sentinel_kwargs={"socket_connect_timeout": 2.0,
+                                                       "socket_timeout": 2.0},
+                ssl=self.url.tls, **auth,
+            )
+            self.commands = self._primary(max_connections)
+        else:
+            self.commands = _LimitedCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in self.url.hosts],
+                max_connections=max_connections, pool_wait=pool_wait,
+                username=self.url.username, password=self.url.password, ssl=self.url.tls,
+                require_full_coverage=True, **{k: v for k, v in common.items()
+                                               if k != "health_check_interval"},
+            )
+
+    def _single(self, max_connections: int) -> Redis:
+        return Redis.from_pool(BlockingConnectionPool.from_url(
+            self.url.url, max_connections=max_connections, timeout=self._pool_wait, **self._common))
+
+    def _primary(self, max_connections: int) -> Redis:
+        assert self._sentinel is not None
+        return self._sentinel.master_for(
+            self.url.service, connection_pool_class=_BlockingSentinelPool,
+            max_connections=max_connections, timeout=self._pool_wait, db=self.url.db,
+            **self._common,
+        )
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.url.kind == "cluster"
+
+    async def start(self) -> None:
+        if self.is_cluster:
+            await self.commands.initialize()
+
+    async def close(self) -> None:
+        for shard in list(self._shards.values()):
+            with contextlib.suppress(Exception):
+                await shard.client.aclose()
+        self._shards.clear()
+        await self.commands.aclose()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold a command slot around a pipeline (one Redis: the blocking pool does it)."""
+        if self.is_cluster:
+            async with self.commands.slot():
+                yield
+        else:
+            yield
+
+    # -- shards -------------------------------------------------------------------
+
+    def shard_name(self, key: str) -> str:
+        """The primary that holds ``key`` (one Redis, or a Sentinel's primary: ``main``)."""
+        if not self.is_cluster:
+            return "main"
+        return str(self.commands.get_node_from_key(key).name)
+
+    def shard(self, name: str) -> Shard:
+        shard = self._shards.get(name)
+        if shard is None:
+            # A client of its own, whose one connection the subscriptions hold.
+            if self.is_cluster:
+                host, _, port = name.rpartition(":")
+                client = Redis(host=host, port=int(port), username=self.url.username,
+                               password=self.url.password, ssl=self.url.tls,
+                               max_connections=1, **self._common)
+            elif self._sentinel is not None:
+                client = self._primary(1)
+            else:
+                client = self._single(1)
+            shard = self._shards[name] = Shard(name, client)
+        return shard
+
+    async def refresh(self) -> None:
+        """Learn the cluster's current slots (after a failover or a resharding)."""
+        if self.is_cluster:
+            await self.commands.nodes_manager.initialize()
+
+    # -- batches ------------------------------------------------------------------
+
+    async def run_scripts(
+        self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """``script`` once per (keys, args), in order; each result, or the exception it raised."""
+        if not calls:
+            return []
+        if self.is_cluster:
+            # A cluster pipeline refuses scripts: concurrent calls, each routed to its slot's
+            # primary and bounded by the command slots.
+            return list(await asyncio.gather(
+                *(script(keys=keys, args=args) for keys, args in calls), return_exceptions=True
+            ))
+        async with self.commands.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                await script(keys=keys, args=args, client=pipe)
+            return list(await pipe.execute(raise_on_error=False))
