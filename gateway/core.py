@@ -42,7 +42,7 @@ from gateway.presence import (
     stream_closed,
     stream_opened,
 )
-from gateway.tasks import stop
+from gateway.tasks import pause, stop
 from protocol.codecs import JSON
 from protocol.envelope import Envelope, WorkspaceKey, portability_problem
 from protocol.errors import ApiError, ValidationFailed, authentication_failed
@@ -232,7 +232,7 @@ class Gateway:
                 await self.reassert()
                 return
             except BackendUnavailable:
-                await asyncio.sleep(delay)
+                await pause(delay)
                 delay = min(delay * 2, 5.0)
 
     async def close(self) -> None:

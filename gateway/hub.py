@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from gateway.broker import BackendUnavailable, Broker, HistoryGone, Snapshot
 from gateway.presence import Replica, Resource
-from gateway.tasks import stop
+from gateway.tasks import pause, stop
 from protocol.envelope import (
     SYNC_RESET,
     SYNC_SNAPSHOT,
@@ -235,7 +235,7 @@ class Feed:
             except Exception as exc:
                 if not isinstance(exc, BackendUnavailable):
                     log.exception("feed resync failed; retrying", extra={"workspace": str(self.workspace)})
-                await asyncio.sleep(delay)
+                await pause(delay)
                 delay = min(delay * 2, 2.0)
         self.replica = Replica(snapshot.members, snapshot.position)
         resync = Resync(self.snapshot_envelope())
@@ -301,7 +301,7 @@ class Hub:
             await feed.close()
 
 
-REPLAY_PAGE: Final = 256
+REPLAY_PAGE: Final = 32  # events: at most 32 x 64 KiB held for a client that does not read
 
 
 class Replay:

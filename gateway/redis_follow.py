@@ -39,7 +39,7 @@ from redis.commands.core import AsyncScript
 from gateway.broker import Following, LogSink
 from gateway.log_entries import EntryReader, text
 from gateway.redis_topology import RedisClients, Shard
-from gateway.tasks import stop
+from gateway.tasks import pause, raise_if_cancelled, stop
 from protocol.envelope import ZERO, EntryId, EventId, WorkspaceKey
 
 log = logging.getLogger(__name__)
@@ -172,14 +172,6 @@ class _Follower:
             self._reader.unfollow(self)
 
 
-def _raise_if_cancelled() -> None:
-    """redis-py's pub/sub may absorb a cancellation that arrives while it sends or reads:
-    a task asked to stop stops anyway."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 class ShardListener:
     """The notification channels of one primary, on one pub/sub connection.
 
@@ -240,7 +232,7 @@ class ShardListener:
                     # The listener sees the broken connection too, and resubscribes all.
                     break
                 finally:
-                    _raise_if_cancelled()
+                    raise_if_cancelled()
 
     async def _listen(self) -> None:
         delay, failing = 0.1, False
@@ -258,19 +250,20 @@ class ShardListener:
                     try:
                         message = await pubsub.get_message(timeout=LISTEN_TIMEOUT)
                     finally:
-                        _raise_if_cancelled()
+                        raise_if_cancelled()
                     if message is not None:
                         self._handle(message)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                raise_if_cancelled()
                 await self._discard()
                 if not failing:
                     failing = True
                     log.warning("redis notification connection failed; reconnecting with backoff",
                                 extra={"shard": self.shard.name,
                                        "problem": f"{type(exc).__name__}: {str(exc)[:200]}"})
-                await asyncio.sleep(delay)
+                await pause(delay)
                 delay = min(delay * 2, BACKOFF_CAP)
                 # Notifications may have been missed: read every log of this shard again once
                 # resubscribed. On a cluster the slots may have moved: re-home every channel.
@@ -419,8 +412,10 @@ class LogReader:
                 try:
                     retry = await self._read_batch(batch)
                 except self._unavailable:
+                    raise_if_cancelled()
                     retry = batch
                 except Exception:
+                    raise_if_cancelled()
                     log.exception("reading followed logs failed; retrying")
                     retry = batch
                 if not retry:
@@ -433,7 +428,7 @@ class LogReader:
                 if not failing:
                     failing = True
                     log.warning("cannot read followed logs (redis unavailable); retrying with backoff")
-                await asyncio.sleep(delay)
+                await pause(delay)
                 delay = min(delay * 2, BACKOFF_CAP)
 
     async def _read_batch(self, batch: list[_Follower]) -> list[_Follower]:
@@ -521,7 +516,7 @@ class LogReader:
         queue: list[_Follower] = []
         budget = 0.0
         while True:
-            await asyncio.sleep(1.0)
+            await pause(1.0)
             budget = min(budget + len(self._followers) / self._audit_period, AUDIT_RATE)
             if budget < 1:
                 continue

@@ -20,7 +20,7 @@ from gateway.broker import BackendUnavailable
 from gateway.liveness import Heartbeat, claim_lifetime_ms, dead_peers, may_forget
 from gateway.log_entries import text
 from gateway.presence import PresenceChange, node_reaped
-from gateway.tasks import stop
+from gateway.tasks import pause, raise_if_cancelled, stop
 from protocol.envelope import WorkspaceKey
 
 log = logging.getLogger(__name__)
@@ -98,15 +98,17 @@ class NodeLiveness:
             try:
                 step = heartbeat.answered(await self._beat())
             except self._beat_errors:
+                raise_if_cancelled()
                 step = heartbeat.failed(unavailable=True)
             except Exception:  # an unforeseen failure must not stop the heartbeat for good
+                raise_if_cancelled()
                 step = heartbeat.failed(unavailable=False)
             if step.log is not None:
                 level, message = step.log
                 getattr(log, level)(message, extra={"node_id": self.node_id})
             if step.reassert:
                 self.request_reassert()
-            await asyncio.sleep(step.sleep)
+            await pause(step.sleep)
 
     # -- re-assertion ------------------------------------------------------------------
 
@@ -128,6 +130,7 @@ class NodeLiveness:
                 if self._reassert is not None:
                     await self._reassert()
             except Exception as exc:
+                raise_if_cancelled()
                 self._reassert_wanted = True
                 if not failing:
                     failing = True
@@ -137,7 +140,7 @@ class NodeLiveness:
                     else:
                         log.exception("re-assertion failed; retrying with backoff",
                                       extra={"node_id": self.node_id})
-                await asyncio.sleep(delay)
+                await pause(delay)
                 delay = min(delay * 2, REASSERT_BACKOFF_CAP)
                 continue
             if failing:

@@ -21,3 +21,21 @@ async def stop(task: asyncio.Task[object] | None) -> None:
     except asyncio.CancelledError:
         if current is not None and current.cancelling() > pending_before:
             raise
+
+
+def raise_if_cancelled() -> None:
+    """Raise ``CancelledError`` if the current task was asked to stop.
+
+    For loops that catch a library's errors and go on: redis-py can turn a cancellation
+    that arrives mid-command into a connection error, and a loop that retries on those
+    would then never stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def pause(seconds: float) -> None:
+    """``asyncio.sleep`` for retry and beat loops: a stop requested while the loop was in a
+    library call that absorbed it takes effect here (``raise_if_cancelled``)."""
+    raise_if_cancelled()
+    await asyncio.sleep(seconds)

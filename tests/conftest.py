@@ -28,6 +28,8 @@ ORG = "org-1"
 WORKSPACE = "ws-1"
 BASE = f"/v1/orgs/{ORG}/workspaces/{WORKSPACE}/sync"
 
+pytest_plugins = ["tests.redis_nodes"]
+
 BACKENDS = ["memory", "redis"]
 
 

@@ -6,16 +6,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from gateway import broker_redis
 from gateway.broker import BackendUnavailable, HistoryGone, PresenceOutcome, tail
 from gateway.broker_redis import RedisBroker, workspace_tag
 from gateway.clock import ManualClock
@@ -34,66 +32,12 @@ from gateway.presence import (
 )
 from gateway.tasks import stop
 from protocol.envelope import PRESENCE_JOINED, PRESENCE_LEFT, Envelope, EventId, WorkspaceKey
-from tests.conftest import redis_url
+from tests.redis_nodes import WS, actor, collect, real_time_clock
 
 pytestmark = pytest.mark.redis
 
-WS = WorkspaceKey("org-1", "ws-1")
+clock = pytest.fixture(real_time_clock)
 
-
-def actor(user: str) -> dict[str, Any]:
-    return {"type": "user", "id": user}
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    """Starts at the real time: entries appended with a plain ``XADD *`` carry Redis's clock."""
-    return ManualClock(time.time())
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"test-{secrets.token_hex(6)}"
-
-
-@pytest.fixture
-async def raw() -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url())
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def nodes(prefix: str, clock: ManualClock) -> AsyncIterator[Callable[..., Any]]:
-    """``await nodes("a", node_timeout=..)``: started RedisBrokers sharing one key prefix."""
-    started: list[RedisBroker] = []
-
-    async def make(node_id: str, **kwargs: Any) -> RedisBroker:
-        options: dict[str, Any] = {
-            "clock": clock, "history_max_len": 1000, "history_max_age": 3600.0,
-            "node_timeout": 15.0, "key_prefix": prefix, **kwargs,
-        }
-        broker = RedisBroker(redis_url(), node_id=node_id, **options)
-        await broker.start()
-        started.append(broker)
-        return broker
-
-    yield make
-    for broker in started:
-        await broker.close()
-
-
-async def collect(broker: RedisBroker, after: EventId, count: int, timeout: float = 10) -> list[Envelope]:
-    got: list[Envelope] = []
-
-    async def run() -> None:
-        async for batch in tail(broker, WS, after):
-            got.extend(batch)
-            if len(got) >= count:
-                return
-
-    await asyncio.wait_for(run(), timeout)
-    return got
 
 
 async def test_concurrent_changes_from_several_nodes_yield_one_event_per_transition(
