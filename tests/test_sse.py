@@ -193,7 +193,9 @@ async def test_id_older_than_retained_age_gets_reset(app_factory, settings, toke
 
 
 @pytest.mark.parametrize("bad_id", ["garbage", "0-0", "deadbeef:1-0", "abc:99999999999999-0",
-                                    "x" * 200, "1:2:3"])
+                                    "x" * 200, "1:2:3",
+                                    # beyond Redis's 64-bit id parts (once a 500)
+                                    "abc:99999999999999999999-0", "abc:1-99999999999999999999"])
 async def test_unusable_ids_get_reset_not_an_error(client, token, bad_id):
     await publish(client, token(), 1)
     response, reader = await open_stream(client, token(), headers={"Last-Event-ID": bad_id})
@@ -202,12 +204,18 @@ async def test_unusable_ids_get_reset_not_an_error(client, token, bad_id):
     response.close()
 
 
-async def test_future_id_of_this_epoch_gets_reset(client, token):
+@pytest.mark.parametrize("entry", ["99999999999999-0", "99999999999999999999-0"])
+async def test_future_id_of_this_epoch_gets_reset(client, token, entry):
     [published] = await publish(client, token(), 1)
     epoch = published["id"].split(":")[0]
     response, reader = await open_stream(
-        client, token(), headers={"Last-Event-ID": f"{epoch}:99999999999999-0"})
+        client, token(), headers={"Last-Event-ID": f"{epoch}:{entry}"})
     assert (await reader.next()).event == "sync.reset"
+    response.close()
+    # Only that client: the log kept its epoch, and a true id still resumes.
+    [later] = await publish(client, token(), 1)
+    response, reader = await open_stream(client, token(), headers={"Last-Event-ID": published["id"]})
+    assert (await reader.next()).id == later["id"]
     response.close()
 
 
