@@ -838,8 +838,10 @@ def publish_xadd(client: Any, workspaces: list[str], row: Row) -> None:
     actor = json.dumps({"type": "service", "id": "bench-publisher"})
     pipe = client.pipeline(transaction=False)
     for i, workspace in enumerate(workspaces):
+        # As docs/redis.md shows a service appending: the XADD, then the notification.
         pipe.xadd(f"{KEY_PREFIX}:{{{ORG}:{workspace}}}:log",
                   {"type": TICK, "actor": actor, "data": json.dumps({"n": i})})
+        pipe.execute_command("SPUBLISH", f"{KEY_PREFIX}:{{{ORG}:{workspace}}}:notify", "")
     for result in pipe.execute(raise_on_error=False):
         if isinstance(result, Exception):
             row.error(f"publish: XADD {type(result).__name__}", example=str(result))
