@@ -70,6 +70,7 @@ CAS_ATTEMPTS: Final = 100  # a presence change retried this often against other 
 READ_PAGE: Final = 256  # entries a resume reads per round trip
 SWEEP_BATCH: Final = 100  # workspaces handled per sweep
 SWEEP_RETRY: Final = 30.0  # a workspace the sweep failed on is tried again this much later
+IDLE_EPOCH_TTL_MS: Final = 600_000  # the epoch a read made for a workspace with no log
 
 
 def _lua(name: str) -> str:
@@ -308,12 +309,14 @@ class RedisBroker:
 
     async def presence_snapshot(self, workspace: WorkspaceKey) -> Snapshot:
         """Members and the position they are consistent with. Reading a workspace that has
-        no log leaves only its epoch behind, for ``history_max_age`` (no lasting state)."""
+        no log leaves only its epoch behind, for ``IDLE_EPOCH_TTL`` (no lasting state: ids
+        of an empty log may then get another epoch; their holders get ``sync.reset``, with
+        nothing missed)."""
         with self._unavailable():
             epoch, last, flat = await self._snapshot(
                 keys=[self.keys.epoch(workspace), self.keys.log(workspace),
                       self.keys.records(workspace)],
-                args=[secrets.token_hex(4), self._max_age_ms],
+                args=[secrets.token_hex(4), min(self._max_age_ms, IDLE_EPOCH_TTL_MS)],
             )
         members = {}
         for index in range(0, len(flat) - 1, 2):

@@ -167,7 +167,7 @@ async def test_reading_idle_workspaces_leaves_no_lasting_state(
     keys = [key async for key in raw.scan_iter(match=f"{prefix}:{{org-1:*")]
     assert len(keys) == 200  # one epoch each (so ids stay checkable) ...
     ttls = [await raw.pttl(key) for key in keys]
-    assert all(0 < ttl <= 3_600_000 for ttl in ttls)  # ... that expires with history_max_age
+    assert all(0 < ttl <= 600_000 for ttl in ttls)  # ... that expires within 10 minutes
     assert await _connections(raw) - before <= 6 + 1
     # The first write makes the epoch permanent.
     workspace = WorkspaceKey("org-1", "written")
@@ -175,6 +175,15 @@ async def test_reading_idle_workspaces_leaves_no_lasting_state(
     sent = await broker.append(workspace, "doc.updated", actor("svc"), {})
     assert EventId.parse(sent.id).epoch == start.epoch
     assert await raw.pttl(f"{prefix}:{{org-1:written}}:epoch") == -1
+    # So does the first read after a service's plain XADD made the log.
+    workspace = WorkspaceKey("org-1", "xadded")
+    start = (await broker.presence_snapshot(workspace)).position
+    await raw.xadd(f"{prefix}:{{org-1:xadded}}:log",
+                   {"type": "doc.updated", "actor": '{"type":"service","id":"x"}'})
+    assert await raw.pttl(f"{prefix}:{{org-1:xadded}}:epoch") > 0
+    [event] = await broker.read_after(workspace, start)
+    assert EventId.parse(event.id).epoch == start.epoch
+    assert await raw.pttl(f"{prefix}:{{org-1:xadded}}:epoch") == -1
 
 
 async def test_a_live_follower_that_falls_more_than_max_len_behind_is_told_history_is_gone(

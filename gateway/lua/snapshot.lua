@@ -18,6 +18,8 @@ if not epoch then
   else
     redis.call('SET', KEYS[1], epoch, 'PX', ARGV[2])
   end
+elseif exists then
+  redis.call('PERSIST', KEYS[1])  -- the log exists now: so does its epoch, for good
 end
 if exists then
   local info = redis.call('XINFO', 'STREAM', KEYS[2])
