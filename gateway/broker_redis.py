@@ -218,7 +218,8 @@ class RedisBroker:
         self._writers: set[asyncio.Task[None]] = set()
         self._dropping: asyncio.Task[None] | None = None
         self._liveness = NodeLiveness(
-            redis=self._redis, keys=self.keys, node_id=node_id, incarnation=self.incarnation,
+            redis=self._redis, slot=self._clients.slot, keys=self.keys, node_id=node_id,
+            incarnation=self.incarnation,
             scripts=(self._script("heartbeat"), self._script("claim")),
             node_timeout=node_timeout, guard=self._unavailable,
             # late-bound: the broker's own method, whatever it is when the reaper runs
@@ -309,7 +310,7 @@ class RedisBroker:
 
     async def presence_snapshot(self, workspace: WorkspaceKey) -> Snapshot:
         """Members and the position they are consistent with. Reading a workspace that has
-        no log leaves only its epoch behind, for ``IDLE_EPOCH_TTL`` (no lasting state: ids
+        no log leaves only its epoch behind, for ``IDLE_EPOCH_TTL_MS`` (no lasting state: ids
         of an empty log may then get another epoch; their holders get ``sync.reset``, with
         nothing missed)."""
         with self._unavailable():

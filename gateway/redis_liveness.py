@@ -36,13 +36,16 @@ class NodeLiveness:
     """This node's heartbeat and re-assertions, and the reaping of dead peers.
 
     ``guard`` turns Redis failures into ``BackendUnavailable`` (the broker's context
-    manager); ``change_presence`` is the broker's."""
+    manager), ``slot`` holds a command slot around a pipeline (``RedisClients.slot``);
+    ``change_presence`` is the broker's."""
 
-    def __init__(self, *, redis: Any, keys: Any, scripts: Any, node_id: str, incarnation: str,
+    def __init__(self, *, redis: Any, slot: Callable[[], contextlib.AbstractAsyncContextManager[None]],
+                 keys: Any, scripts: Any, node_id: str, incarnation: str,
                  node_timeout: float, guard: Callable[[], contextlib.AbstractContextManager[None]],
                  change_presence: ChangePresence, parse_tag: Callable[[str], WorkspaceKey],
                  unavailable: tuple[type[BaseException], ...]) -> None:
         self._redis = redis
+        self._slot = slot
         self._keys = keys
         self._heartbeat_script, self._claim_script = scripts
         self.node_id = node_id
@@ -157,8 +160,14 @@ class NodeLiveness:
                                                     count=SWEEP_BATCH)
             self._nodes_cursor = int(cursor)
             nodes = sorted({text(node) for node in found} - {self.node_id})
-            # One command a node: their keys live in as many slots as there are nodes.
-            alive = [bool(await self._redis.exists(self._keys.alive(node))) for node in nodes]
+            if not nodes:
+                return 0
+            # One command a node (their keys live in as many slots as there are nodes), in
+            # one pipeline (on a cluster, one per primary).
+            async with self._slot(), self._redis.pipeline(transaction=False) as pipe:
+                for node in nodes:
+                    pipe.exists(self._keys.alive(node))
+                alive = [bool(found) for found in await pipe.execute()]
         changed = 0
         for node in dead_peers(self.node_id, nodes, alive):
             changed += await self.reap(node, force=False)
