@@ -107,10 +107,14 @@ class MemoryBroker:
         log.entries.append((entry, envelope))
         log.last = entry
         self._trim(log, ms)
-        for follower in tuple(log.followers):  # a sink may close its following
-            if follower.live:
-                follower.cursor = EventId(self.epoch, entry)
-                follower.sink.deliver([envelope])
+        if log.followers:
+            # A copy: encodings the feed caches on what it delivers must not stay pinned
+            # to the retained history.
+            delivered = replace(envelope)
+            for follower in tuple(log.followers):  # a sink may close its following
+                if follower.live:
+                    follower.cursor = EventId(self.epoch, entry)
+                    follower.sink.deliver([delivered])
         return envelope
 
     def _trim(self, log: _Log, now_ms: int) -> None:
