@@ -46,6 +46,7 @@ from gateway.broker import (
     Snapshot,
 )
 from gateway.clock import Clock, SystemClock
+from gateway.combining import Combiner
 from gateway.log_entries import EntryReader, entry_fields, issued, text
 from gateway.presence import (
     PendingEvent,
@@ -58,7 +59,6 @@ from gateway.presence import (
 from gateway.redis_follow import LogReader, LogState
 from gateway.redis_liveness import NodeLiveness
 from gateway.redis_topology import RedisClients
-from gateway.tasks import stop
 from protocol.envelope import ZERO, EntryId, Envelope, EventId, WorkspaceKey
 
 log = logging.getLogger(__name__)
@@ -148,15 +148,6 @@ class Keys:
         return f"{self.prefix}:ticket:{hashlib.sha256(ticket.encode()).hexdigest()}"
 
 
-class _Queued:
-    """Presence changes of one user in one workspace waiting on this node."""
-
-    __slots__ = ("items",)
-
-    def __init__(self) -> None:
-        self.items: list[tuple[PresenceChange, asyncio.Future[PresenceOutcome]]] = []
-
-
 class RedisBroker:
     """Workspace logs and presence in Redis, shared by every node on the same key prefix.
 
@@ -214,8 +205,8 @@ class RedisBroker:
         self._indexed: set[WorkspaceKey] = set()  # in this node's workspace index (this life)
         self._corrupt_logged: set[WorkspaceKey] = set()
         self._sweep_failing: set[str] = set()  # workspace tags the sweep failed on (logged)
-        self._queued: dict[tuple[WorkspaceKey, str], _Queued] = {}
-        self._writers: set[asyncio.Task[None]] = set()
+        self._presence_writes: Combiner[tuple[WorkspaceKey, str], PresenceChange, PresenceOutcome] = (
+            Combiner(lambda key, changes: self._change_all(*key, changes)))
         self._dropping: asyncio.Task[None] | None = None
         self._liveness = NodeLiveness(
             redis=self._redis, slot=self._clients.slot, keys=self.keys, node_id=node_id,
@@ -268,8 +259,7 @@ class RedisBroker:
         await self._liveness.start()
 
     async def close(self) -> None:
-        for writer in list(self._writers):
-            await stop(writer)
+        await self._presence_writes.close()
         await self._reader.close()
         await self._liveness.close()
         if self._dropping is not None:
@@ -378,46 +368,12 @@ class RedisBroker:
         self, workspace: WorkspaceKey, user_id: str, change: PresenceChange
     ) -> PresenceOutcome:
         """Changes of one user made on this node are applied in arrival order, the ones
-        that arrive while a write is under way together in the next write (one read and one
-        script call for all of them): any number of concurrent changes of one user (tabs, a
-        service identity's streams, a mass reconnect) succeed without contention. Changes
-        from other nodes race by compare-and-set: each conflict means another node's write
-        succeeded, so all make progress."""
-        key = (workspace, user_id)
-        future: asyncio.Future[PresenceOutcome] = asyncio.get_running_loop().create_future()
-        queued = self._queued.get(key)
-        if queued is None:
-            queued = self._queued[key] = _Queued()
-            writer = asyncio.get_running_loop().create_task(self._apply_queued(key, queued))
-            self._writers.add(writer)
-            writer.add_done_callback(self._writers.discard)
-        queued.items.append((change, future))
-        return await future
-
-    async def _apply_queued(self, key: tuple[WorkspaceKey, str], queued: _Queued) -> None:
-        workspace, user_id = key
-        while True:
-            # A change whose caller gave up before it was written is not made.
-            batch = [(change, future) for change, future in queued.items if not future.done()]
-            queued.items.clear()
-            if not batch:
-                del self._queued[key]
-                return
-            try:
-                outcomes = await self._change_all(workspace, user_id, [c for c, _ in batch])
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            except BaseException:
-                for _, future in batch:
-                    future.cancel()
-                del self._queued[key]
-                raise
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if not future.done():
-                    future.set_result(outcome)
+        that arrive while a write is under way together in the next write (``Combiner``:
+        one read and one script call for all of them), so any number of concurrent changes
+        of one user (tabs, a service identity's streams, a mass reconnect) succeed without
+        contention. Changes from other nodes race by compare-and-set: each conflict means
+        another node's write succeeded, so all make progress."""
+        return await self._presence_writes.submit((workspace, user_id), change)
 
     async def _change_all(
         self, workspace: WorkspaceKey, user_id: str, changes: list[PresenceChange]
