@@ -329,3 +329,17 @@ async def test_long_last_event_id_in_the_query_is_a_reset_like_the_header(client
     response, reader = await open_stream(client, token(), query=f"?last_event_id={'x' * 1000}")
     assert (await reader.next()).event == "sync.reset"
     response.close()
+
+
+@pytest.mark.parametrize("entry", ["99999999999999999999-0", "1-99999999999999999999"])
+async def test_an_id_beyond_64_bits_is_a_reset_on_every_backend(app_factory, settings, broker, token,
+                                                                 entry):
+    # On Redis such an id once reached XRANGE and answered 500 with a traceback.
+    client = await app_factory(settings, broker=broker)
+    [published] = await publish(client, token(), 1)
+    epoch = published["id"].split(":")[0]
+    response, reader = await open_stream(client, token(), headers={"Last-Event-ID": f"{epoch}:{entry}"})
+    assert response.status == 200
+    reset, snapshot = await reader.events(2)
+    assert (reset.event, snapshot.event) == ("sync.reset", "sync.snapshot")
+    response.close()
