@@ -218,6 +218,7 @@ class ShardListener:
         """Send the pending (un)subscriptions, one channel a command (on a cluster, one
         command may not name channels of two slots), while connected."""
         while True:
+            raise_if_cancelled()
             await self._kick.wait()
             self._kick.clear()
             while self._pending and self._connected:
@@ -399,6 +400,7 @@ class LogReader:
     async def _drain(self) -> None:
         delay, failing = 0.05, False
         while True:
+            raise_if_cancelled()  # a cancellation redis-py absorbed in the last read
             await self._wake.wait()
             self._wake.clear()
             while self._dirty:

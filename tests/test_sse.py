@@ -11,7 +11,7 @@ import pytest
 from gateway.handlers.common import GATEWAY
 from protocol.envelope import WorkspaceKey
 from protocol.sse import encode_envelope, frame
-from tests.conftest import BASE, ORG, WORKSPACE, auth
+from tests.conftest import BASE, ORG, WORKSPACE, auth, make_broker
 from tests.sse_client import SSEReader
 
 STREAM = f"{BASE}/stream"
@@ -332,10 +332,10 @@ async def test_long_last_event_id_in_the_query_is_a_reset_like_the_header(client
 
 
 @pytest.mark.parametrize("entry", ["99999999999999999999-0", "1-99999999999999999999"])
-async def test_an_id_beyond_64_bits_is_a_reset_on_every_backend(app_factory, settings, broker, token,
-                                                                 entry):
+async def test_an_id_beyond_64_bits_is_a_reset_on_every_backend(app_factory, settings, backend_name,
+                                                                 clock, token, entry):
     # On Redis such an id once reached XRANGE and answered 500 with a traceback.
-    client = await app_factory(settings, broker=broker)
+    client = await app_factory(settings, broker=make_broker(backend_name, settings, clock))
     [published] = await publish(client, token(), 1)
     epoch = published["id"].split(":")[0]
     response, reader = await open_stream(client, token(), headers={"Last-Event-ID": f"{epoch}:{entry}"})
