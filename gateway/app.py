@@ -20,7 +20,7 @@ from gateway.handlers.common import GATEWAY
 from gateway.handlers.errors import error_middleware
 from gateway.hub import Hub
 from gateway.metrics import Metrics
-from gateway.tasks import stop
+from gateway.tasks import raise_if_cancelled, stop
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ async def _sweeper(app: web.Application) -> AsyncIterator[None]:
     async def loop() -> None:
         failing = False
         while True:
+            raise_if_cancelled()  # a stop the last sweep's Redis calls absorbed
             await gateway.clock.sleep_until(gateway.clock.now() + gateway.settings.sweep_interval)
             try:
                 await gateway.broker.sweep()
