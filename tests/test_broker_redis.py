@@ -179,7 +179,7 @@ async def test_lost_data_means_history_gone_even_for_newer_looking_ids(
         with pytest.raises(HistoryGone):
             await broker.read_after(WS, gone)
     with pytest.raises(HistoryGone):
-        await tailing  # the live reader notices too (at the latest after one blocking read)
+        await tailing  # the live reader notices too (the new append notifies it)
 
 
 async def test_a_node_that_stops_heartbeating_is_reaped_once_with_one_left_per_user(
@@ -553,10 +553,10 @@ async def test_bursts_beyond_the_pool_size_wait_for_a_connection(nodes: Callable
                 break
         return got
 
-    # More tails (each holds a connection for its blocking read) and more concurrent
-    # writes than redis-py's default pool of 100 allows.
+    # 150 followed logs and 300 concurrent writes through a pool of 6 connections: the
+    # writes wait for a connection, the follows hold none.
     tails = asyncio.gather(*(first_two(ws, start) for ws, start in zip(workspaces, starts, strict=True)))
-    await asyncio.sleep(0.3)  # every tail is in its blocking read
+    await asyncio.sleep(0.3)  # every log is followed (its subscription confirmed)
     sent = await asyncio.gather(*(
         broker.append(ws, "doc.updated", actor("svc"), {"n": n}) for n in range(2) for ws in workspaces
     ))
