@@ -31,7 +31,7 @@ EVENTS_PUBLISH: Final = "events:publish"
 ALL_PERMISSIONS: Final = (SYNC_READ, PRESENCE_WRITE, EVENTS_PUBLISH)
 
 # What an organization or workspace id may be made of.
-ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9._~@+=-]{1,128}$")
+ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._~@+=-]{1,128}")
 
 # Display data copied from the token into presence and event actors.
 DISPLAY_CLAIMS: Final = ("name", "email", "avatar_url")
@@ -59,10 +59,10 @@ class Identity:
         Ids outside ``ID_PATTERN`` name nothing that can exist (404): they never reach a
         backend key, so no id can alias another workspace's keys.
         """
-        if workspace.org_id != self.org_id or not ID_PATTERN.match(workspace.org_id):
+        if workspace.org_id != self.org_id or not ID_PATTERN.fullmatch(workspace.org_id):
             raise not_found("organization", workspace.org_id)
         if (self.workspaces is not None and workspace.workspace_id not in self.workspaces) or (
-            not ID_PATTERN.match(workspace.workspace_id)
+            not ID_PATTERN.fullmatch(workspace.workspace_id)
         ):
             raise not_found("workspace", workspace.workspace_id)
         if permission not in self.permissions:

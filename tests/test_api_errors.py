@@ -282,6 +282,7 @@ async def test_backend_down_is_503_and_not_ready(app_factory, settings, token):
 
 @pytest.mark.parametrize(("workspace", "kind"), [
     ("a:b", "workspace"), ("a%20b", "workspace"), ("x" * 129, "workspace"),
+    ("ws1%0A", "workspace"),  # a trailing newline (once accepted: the pattern ended in "$")
     ("a}b", "route"), ("{x}", "route"),  # the router itself refuses braces
 ])
 async def test_workspace_ids_that_cannot_exist_are_404(client, token, workspace, kind):
@@ -291,12 +292,13 @@ async def test_workspace_ids_that_cannot_exist_are_404(client, token, workspace,
     assert (await response.json())["details"]["resource_type"] == kind
 
 
-async def test_org_id_that_cannot_exist_is_404_even_if_the_token_names_it(client, token):
-    response = await client.post("/v1/orgs/a:b/workspaces/w/sync/presence/join",
-                                 headers=auth(token(org_id="a:b", workspaces="*")))
+@pytest.mark.parametrize(("in_path", "org"), [("a:b", "a:b"), ("org1%0A", "org1\n")])
+async def test_org_id_that_cannot_exist_is_404_even_if_the_token_names_it(client, token, in_path, org):
+    response = await client.post(f"/v1/orgs/{in_path}/workspaces/w/sync/presence/join",
+                                 headers=auth(token(org_id=org, workspaces="*")))
     assert response.status == 404
     assert (await response.json())["details"] == {"resource_type": "organization",
-                                                  "resource_id": "a:b"}
+                                                  "resource_id": org}
 
 
 async def test_lone_surrogate_in_published_data_is_422(client, token):
