@@ -39,11 +39,21 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(entry, default=str))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _one_line(value: object) -> str:
+    """``value`` as text with control characters escaped: a request path with ``%0A`` in it
+    cannot forge a log line of its own."""
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], str(value))
+
+
 class TextFormatter(logging.Formatter):
-    """One line a record, its structured fields appended as ``key=value``."""
+    """One line a record (a traceback follows on lines of its own), its structured fields
+    appended as ``key=value``, control characters in them escaped."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = " ".join(f"{key}={value}" for key, value in vars(record).items()
+        fields = " ".join(f"{key}={_one_line(value)}" for key, value in vars(record).items()
                           if key not in _STANDARD and not key.startswith("_"))
         line = super().format(record)
         return redact(f"{line} {fields}" if fields else line)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import urllib.request
 
+from gateway.logs import TextFormatter
 from tests.processes import ROOT, http, serve
 
 SECRET = "log-secret-" + "q" * 30
@@ -39,3 +41,14 @@ def test_logs_never_carry_tokens_tickets_or_secrets():
     assert '"path": "/v1/orgs/o1/workspaces/w1/sync/stream"' in logs  # requests were logged
     for secret in (token, expired, ticket, SECRET, token.split(".")[2]):
         assert secret not in logs
+
+
+def test_a_path_with_a_newline_cannot_forge_a_text_log_line():
+    record = logging.makeLogRecord({
+        "msg": "request", "levelname": "INFO", "name": "aiohttp.access",
+        "path": "/v1/orgs/o/workspaces/w\n2026-01-01 00:00:00 INFO admin granted\r",
+        "status": 404,
+    })
+    line = TextFormatter("%(levelname)s %(name)s %(message)s").format(record)
+    assert "\n" not in line and "\r" not in line
+    assert line.endswith("path=/v1/orgs/o/workspaces/w\\n2026-01-01 00:00:00 INFO admin granted\\r status=404")
