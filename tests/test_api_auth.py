@@ -172,6 +172,16 @@ async def test_ticket_opens_the_stream_once(client, token):
     assert again.status == 401
 
 
+async def test_a_request_refused_for_its_parameters_does_not_use_up_the_ticket(client, token):
+    ticket = await ticket_for(client, token())
+    refused = await client.get(f"{BASE}/stream?ticket={ticket}&timeout=5")
+    assert refused.status == 422
+    assert (await refused.json())["detail"][0]["loc"] == ["query", "timeout"]
+    response = await client.get(f"{BASE}/stream?ticket={ticket}&timeout=60")
+    assert response.status == 200
+    response.close()
+
+
 async def test_ticket_is_bound_to_its_workspace(client, token):
     ticket = await ticket_for(client, token(workspaces="*"))
     response = await client.get(f"/v1/orgs/{ORG}/workspaces/other/sync/stream?ticket={ticket}")

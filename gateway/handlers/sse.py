@@ -33,12 +33,21 @@ TRANSPORT = "sse"
 WRITE_BATCH = 64
 
 
-async def _identity(request: web.Request, gateway: Gateway, workspace: WorkspaceKey) -> Identity:
+async def _identity_and_query(
+    request: web.Request, gateway: Gateway, workspace: WorkspaceKey
+) -> tuple[Identity, StreamQuery]:
+    """Who asks, and for what. A bearer token is checked before the parameters (401 before
+    422); a single-use ticket after them, so a request refused for its parameters does not
+    use it up."""
     ticket = request.query.get("ticket")
     if ticket is not None and "Authorization" not in request.headers:
-        return await gateway.redeem_ticket(ticket, workspace)
+        # The ticket itself is judged by redeeming it (401), not as a parameter.
+        others = {name: value for name, value in query_of(request).items() if name != "ticket"}
+        query = parse(StreamQuery, others, "query")
+        return await gateway.redeem_ticket(ticket, workspace), query
     token = bearer_token(request.headers.get("Authorization"))
-    return gateway.identify(token, workspace, SYNC_READ)
+    identity = gateway.identify(token, workspace, SYNC_READ)
+    return identity, parse(StreamQuery, query_of(request), "query")
 
 
 def _frame(envelope: Envelope) -> bytes:
@@ -54,8 +63,7 @@ async def _end_at(gateway: Gateway, outbox: Outbox, deadline: float, expires_at:
 
 async def stream(request: web.Request) -> web.StreamResponse:
     gateway, workspace = gateway_of(request), workspace_of(request)
-    identity = await _identity(request, gateway, workspace)
-    query = parse(StreamQuery, query_of(request), "query")
+    identity, query = await _identity_and_query(request, gateway, workspace)
     if gateway.draining:
         raise ApiError("SERVICE_UNAVAILABLE", {"reason": "draining"})
     since = request.headers.get("Last-Event-ID") or query.last_event_id
