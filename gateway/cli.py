@@ -52,6 +52,15 @@ def _dev_banner(settings: Settings) -> str:
     ])
 
 
+def _backend_name(url: str | None) -> str:
+    """For the logs: ``memory``, or the Redis URL without its credentials."""
+    if url is None or url.startswith("memory://"):
+        return "memory"
+    from gateway.redis_topology import RedisUrl
+
+    return RedisUrl.parse(url).describe()
+
+
 def serve(settings: Settings) -> int:
     from gateway.app import create_app, drain_on_sigterm
 
@@ -60,16 +69,17 @@ def serve(settings: Settings) -> int:
         settings = settings.with_dev_secret()
         print(_dev_banner(settings), file=sys.stderr, flush=True)
         log.warning("running in DEV MODE with a random secret")
+    try:
+        backend = _backend_name(settings.redis_url)
+        app = create_app(settings)
+    except ValueError as exc:  # e.g. an unreadable or wrong JWT key file, a bad Redis URL
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
     log.info(
         "starting gateway",
         extra={"node_id": settings.node_id, "host": settings.host, "port": settings.port,
-               "backend": "redis" if settings.redis_url else "memory"},
+               "backend": backend},
     )
-    try:
-        app = create_app(settings)
-    except ValueError as exc:  # e.g. an unreadable or wrong JWT key file
-        print(f"serve: {exc}", file=sys.stderr)
-        return 2
     drain_on_sigterm(app)
     from gateway.logs import AccessLogger
 
