@@ -160,12 +160,11 @@ class RedisClients:
     ``commands`` is redis-py's client for it (``Redis`` or ``RedisCluster``): every
     per-workspace script and command runs there; a batch of script calls goes through
     ``run_scripts`` (one pipeline on one Redis, concurrent calls routed per slot on a
-    cluster). ``shards`` are the primaries, for subscriptions."""
+    cluster). ``shard(name)`` is a primary's own client, for subscriptions."""
 
     def __init__(self, url: str, *, max_connections: int, pool_wait: float,
                  common: dict[str, Any]) -> None:
         self.url = RedisUrl.parse(url)
-        self.max_connections = max_connections
         self._pool_wait = pool_wait
         self._shards: dict[str, Shard] = {}
         self._sentinel: Sentinel | None = None
