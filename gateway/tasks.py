@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Final
+
+RECANCEL_AFTER: Final = 1.0  # seconds a cancelled task may take before it is asked again
 
 
 async def stop(task: asyncio.Task[object] | None) -> None:
     """Cancel ``task`` and wait for it to end.
 
     The task's ``CancelledError`` is expected and absorbed; a cancellation of the *caller*
-    that arrives while it waits propagates (never swallowed).
+    that arrives while it waits propagates (never swallowed). A task still running a
+    second after being cancelled is cancelled again, and so on: a library call can absorb a
+    cancellation (redis-py on Python 3.11 does), and a task that then waits on something
+    else would otherwise never end.
     """
     if task is None or task.done():
         return
@@ -17,6 +23,11 @@ async def stop(task: asyncio.Task[object] | None) -> None:
     pending_before = current.cancelling() if current is not None else 0
     task.cancel()
     try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=RECANCEL_AFTER)
+            if done:
+                break
+            task.cancel()
         await task
     except asyncio.CancelledError:
         if current is not None and current.cancelling() > pending_before:

@@ -28,3 +28,19 @@ async def test_stop_lets_the_callers_cancellation_through():
     stopper.cancel()
     with pytest.raises(asyncio.CancelledError):
         await stopper
+
+
+async def test_stop_ends_a_task_that_absorbed_its_cancellation():
+    wake = asyncio.Event()
+
+    async def absorbs_once() -> None:  # as a library call that swallows CancelledError
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            pass
+        await wake.wait()  # would wait forever after one cancel()
+
+    task = asyncio.create_task(absorbs_once())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(stop(task), 5)
+    assert task.cancelled()
