@@ -42,7 +42,7 @@ from gateway.presence import (
     stream_closed,
     stream_opened,
 )
-from gateway.tasks import pause, stop
+from gateway.tasks import Backoff, stop
 from protocol.codecs import JSON
 from protocol.envelope import Envelope, WorkspaceKey, portability_problem
 from protocol.errors import ApiError, ValidationFailed, authentication_failed
@@ -226,14 +226,13 @@ class Gateway:
                                                       name="presence re-assert")
 
     async def _reassert_until_done(self) -> None:
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             try:
                 await self.reassert()
                 return
             except BackendUnavailable:
-                await pause(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.pause()
 
     async def close(self) -> None:
         task, self._reassert_task = self._reassert_task, None

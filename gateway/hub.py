@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from gateway.broker import BackendUnavailable, Broker, HistoryGone, Snapshot
 from gateway.presence import Replica, Resource
-from gateway.tasks import pause, stop
+from gateway.tasks import Backoff, stop
 from protocol.envelope import (
     SYNC_RESET,
     SYNC_SNAPSHOT,
@@ -227,16 +227,15 @@ class Feed:
         """A fresh snapshot (retried until the backend answers), a ``Resync`` to every
         subscriber, and delivery again from the snapshot's position."""
         log.warning("workspace log lost history; resyncing", extra={"workspace": str(self.workspace)})
-        delay = 0.05
+        backoff = Backoff(0.05, 2.0)
         while True:
             try:
                 snapshot = await self._broker.presence_snapshot(self.workspace)
                 break
             except Exception as exc:
-                if not isinstance(exc, BackendUnavailable):
+                if not isinstance(exc, BackendUnavailable) and backoff.failed():
                     log.exception("feed resync failed; retrying", extra={"workspace": str(self.workspace)})
-                await pause(delay)
-                delay = min(delay * 2, 2.0)
+                await backoff.pause()
         self.replica = Replica(snapshot.members, snapshot.position)
         resync = Resync(self.snapshot_envelope())
         for outbox in tuple(self._outboxes):

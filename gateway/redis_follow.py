@@ -39,7 +39,7 @@ from redis.commands.core import AsyncScript
 from gateway.broker import Following, LogSink
 from gateway.log_entries import EntryReader, text
 from gateway.redis_topology import RedisClients, Shard
-from gateway.tasks import pause, raise_if_cancelled, stop
+from gateway.tasks import Backoff, pause, raise_if_cancelled, stop
 from protocol.envelope import ZERO, EntryId, EventId, WorkspaceKey
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ class ShardListener:
                     raise_if_cancelled()
 
     async def _listen(self) -> None:
-        delay, failing = 0.1, False
+        backoff = Backoff(0.1, BACKOFF_CAP)
         while True:
             try:
                 pubsub = self._pubsub = self.shard.pubsub()
@@ -244,9 +244,8 @@ class ShardListener:
                 self._connected = True
                 self._pending = dict.fromkeys(self.channels, True)
                 self._kick.set()
-                if failing:
+                if backoff.recovered():
                     log.info("redis notifications flowing again", extra={"shard": self.shard.name})
-                    delay, failing = 0.1, False
                 while True:
                     try:
                         message = await pubsub.get_message(timeout=LISTEN_TIMEOUT)
@@ -259,13 +258,11 @@ class ShardListener:
             except Exception as exc:
                 raise_if_cancelled()
                 await self._discard()
-                if not failing:
-                    failing = True
+                if backoff.failed():
                     log.warning("redis notification connection failed; reconnecting with backoff",
                                 extra={"shard": self.shard.name,
                                        "problem": f"{type(exc).__name__}: {str(exc)[:200]}"})
-                await pause(delay)
-                delay = min(delay * 2, BACKOFF_CAP)
+                await backoff.pause()
                 # Notifications may have been missed: read every log of this shard again once
                 # resubscribed. On a cluster the slots may have moved: re-home every channel.
                 await self._reader.rehome(self)
@@ -398,7 +395,7 @@ class LogReader:
         self._listeners.clear()
 
     async def _drain(self) -> None:
-        delay, failing = 0.05, False
+        backoff = Backoff(0.05, BACKOFF_CAP)
         while True:
             raise_if_cancelled()  # a cancellation redis-py absorbed in the last read
             await self._wake.wait()
@@ -421,17 +418,14 @@ class LogReader:
                     log.exception("reading followed logs failed; retrying")
                     retry = batch
                 if not retry:
-                    if failing:
+                    if backoff.recovered():
                         log.info("reading followed logs again")
-                        delay, failing = 0.05, False
                     continue
                 for follower in retry:
                     self.mark(follower)
-                if not failing:
-                    failing = True
-                    log.warning("cannot read followed logs (redis unavailable); retrying with backoff")
-                await pause(delay)
-                delay = min(delay * 2, BACKOFF_CAP)
+                if backoff.failed():
+                    log.warning("cannot read followed logs; retrying with backoff")
+                await backoff.pause()
 
     async def _read_batch(self, batch: list[_Follower]) -> list[_Follower]:
         """Read each follower's log after its cursor; returns those to read again later."""

@@ -20,7 +20,7 @@ from gateway.broker import BackendUnavailable
 from gateway.liveness import Heartbeat, claim_lifetime_ms, dead_peers, may_forget
 from gateway.log_entries import text
 from gateway.presence import PresenceChange, node_reaped
-from gateway.tasks import pause, raise_if_cancelled, stop
+from gateway.tasks import Backoff, pause, raise_if_cancelled, stop
 from protocol.envelope import WorkspaceKey
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class NodeLiveness:
             self._reassert_task = asyncio.create_task(self._reassert_loop(), name="redis re-assert")
 
     async def _reassert_loop(self) -> None:
-        delay, failing = 0.1, False
+        backoff = Backoff(0.1, REASSERT_BACKOFF_CAP)
         while self._reassert_wanted:
             self._reassert_wanted = False
             try:
@@ -135,20 +135,17 @@ class NodeLiveness:
             except Exception as exc:
                 raise_if_cancelled()
                 self._reassert_wanted = True
-                if not failing:
-                    failing = True
+                if backoff.failed():
                     if isinstance(exc, BackendUnavailable):
                         log.warning("re-assertion failed (redis unavailable); retrying with backoff",
                                     extra={"node_id": self.node_id})
                     else:
                         log.exception("re-assertion failed; retrying with backoff",
                                       extra={"node_id": self.node_id})
-                await pause(delay)
-                delay = min(delay * 2, REASSERT_BACKOFF_CAP)
+                await backoff.pause()
                 continue
-            if failing:
+            if backoff.recovered():
                 log.info("re-assertion done", extra={"node_id": self.node_id})
-                delay, failing = 0.1, False
 
     # -- reaping -------------------------------------------------------------------------
 

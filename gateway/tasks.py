@@ -50,3 +50,35 @@ async def pause(seconds: float) -> None:
     library call that absorbed it takes effect here (``raise_if_cancelled``)."""
     raise_if_cancelled()
     await asyncio.sleep(seconds)
+
+
+class Backoff:
+    """Capped exponential waits for a retry loop that logs once per change of state.
+
+    ``failed()`` is true on the first failure of a run (log it then), ``pause()`` waits the
+    current delay and doubles it up to ``cap``; ``recovered()`` is true on the first
+    success after failures (log that) and starts the delays over."""
+
+    def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
+        if first <= 0 or cap < first:
+            raise ValueError("need 0 < first <= cap")
+        self._first, self._cap = first, cap
+        self._delay = first
+        self.failing = False
+
+    @property
+    def next_delay(self) -> float:
+        return self._delay
+
+    def failed(self) -> bool:
+        first, self.failing = not self.failing, True
+        return first
+
+    def recovered(self) -> bool:
+        was, self.failing = self.failing, False
+        self._delay = self._first
+        return was
+
+    async def pause(self) -> None:
+        delay, self._delay = self._delay, min(self._delay * 2, self._cap)
+        await pause(delay)

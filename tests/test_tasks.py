@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.tasks import stop
+from gateway.tasks import Backoff, stop
 
 
 async def test_stop_absorbs_the_tasks_cancellation():
@@ -44,3 +44,17 @@ async def test_stop_ends_a_task_that_absorbed_its_cancellation():
     await asyncio.sleep(0)
     await asyncio.wait_for(stop(task), 5)
     assert task.cancelled()
+
+
+async def test_backoff_doubles_to_its_cap_logs_once_and_starts_over_after_a_success():
+    backoff = Backoff(0.001, 0.004)
+    assert backoff.failed() and not backoff.failed()  # only the first failure is news
+    delays = []
+    for _ in range(4):
+        delays.append(backoff.next_delay)
+        await backoff.pause()
+    assert delays == [0.001, 0.002, 0.004, 0.004]
+    assert backoff.recovered() and not backoff.recovered()
+    assert backoff.next_delay == 0.001
+    with pytest.raises(ValueError):
+        Backoff(0.5, 0.1)
