@@ -34,14 +34,15 @@ def backend_for(settings: Settings, clock: Clock) -> Broker:
     if url is None or url.startswith("memory://"):
         return MemoryBroker(node_id=settings.node_id, clock=clock,
                             history_max_len=settings.history_max_len,
-                            history_max_age=settings.history_max_age)
+                            history_max_age=settings.history_max_age,
+                            idempotency_ttl=settings.idempotency_ttl)
     from gateway.broker_redis import RedisBroker  # imports redis-py only when used
 
     return RedisBroker(
         url, node_id=settings.node_id, clock=clock,
         history_max_len=settings.history_max_len, history_max_age=settings.history_max_age,
         node_timeout=settings.node_timeout, key_prefix=settings.redis_key_prefix,
-        max_connections=settings.redis_max_connections,
+        max_connections=settings.redis_max_connections, idempotency_ttl=settings.idempotency_ttl,
     )
 
 

@@ -56,9 +56,14 @@ class Broker(Protocol):
         """Return if the backend is reachable and accepting writes; else raise ``BackendUnavailable``."""
 
     async def append(
-        self, workspace: WorkspaceKey, event_type: str, actor: dict[str, Any], data: dict[str, Any]
+        self, workspace: WorkspaceKey, event_type: str, actor: dict[str, Any], data: dict[str, Any],
+        idempotency_key: str | None = None,
     ) -> Envelope:
-        """Append one published event to the workspace log and return it with its id."""
+        """Append one published event to the workspace log and return it with its id.
+
+        With ``idempotency_key``: if the workspace saw that key within the idempotency TTL,
+        append nothing and return the envelope appended then (atomically: of two concurrent
+        calls with one key, one appends and the other gets its envelope)."""
 
     async def change_presence(
         self, workspace: WorkspaceKey, user_id: str, change: PresenceChange

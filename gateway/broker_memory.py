@@ -32,6 +32,8 @@ class _Log:
     trimmed_through: EntryId = ZERO
     records: dict[str, UserRecord] = field(default_factory=dict)
     followers: set[_Follower] = field(default_factory=set)
+    # Idempotency key -> (forgotten at, the envelope its publish appended), oldest first.
+    published: OrderedDict[str, tuple[float, Envelope]] = field(default_factory=OrderedDict)
 
 
 class _Follower:
@@ -64,12 +66,14 @@ class MemoryBroker:
         clock: Clock | None = None,
         history_max_len: int = 10_000,
         history_max_age: float = 86_400.0,
+        idempotency_ttl: float = 300.0,
     ) -> None:
         self.node_id = node_id
         self.epoch = secrets.token_hex(4)
         self._clock = clock or SystemClock()
         self._max_len = history_max_len
         self._max_age_ms = int(history_max_age * 1000)
+        self._idempotency_ttl = idempotency_ttl
         self._logs: dict[WorkspaceKey, _Log] = {}
         self._tickets: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
 
@@ -125,9 +129,21 @@ class MemoryBroker:
             log.trimmed_through = log.entries.popleft()[0]
 
     async def append(
-        self, workspace: WorkspaceKey, event_type: str, actor: dict[str, Any], data: dict[str, Any]
+        self, workspace: WorkspaceKey, event_type: str, actor: dict[str, Any], data: dict[str, Any],
+        idempotency_key: str | None = None,
     ) -> Envelope:
-        return self._append(workspace, self._log(workspace), PendingEvent(event_type, actor, data))
+        log = self._log(workspace)
+        if idempotency_key is None:
+            return self._append(workspace, log, PendingEvent(event_type, actor, data))
+        now = self._clock.now()
+        while log.published and next(iter(log.published.values()))[0] <= now:
+            log.published.popitem(last=False)
+        earlier = log.published.get(idempotency_key)
+        if earlier is not None:
+            return replace(earlier[1])
+        envelope = self._append(workspace, log, PendingEvent(event_type, actor, data))
+        log.published[idempotency_key] = (now + self._idempotency_ttl, envelope)
+        return envelope
 
     async def change_presence(
         self, workspace: WorkspaceKey, user_id: str, change: PresenceChange

@@ -115,6 +115,10 @@ class Keys:
         """The sharded pub/sub channel every append to the log publishes on."""
         return f"{self.workspace(workspace)}:notify"
 
+    def published(self, workspace: WorkspaceKey, idempotency_key: str) -> str:
+        """What the publish with this idempotency key appended (for the key's TTL)."""
+        return f"{self.workspace(workspace)}:published:{idempotency_key}"
+
     def mark(self, workspace: WorkspaceKey) -> str:
         """The high-water mark: the id of the last entry a node appended."""
         return f"{self.workspace(workspace)}:hw"
@@ -171,6 +175,7 @@ class RedisBroker:
         max_connections: int = 6,
         pool_wait: float = 2.0,
         audit_period: float = 60.0,
+        idempotency_ttl: float = 300.0,
     ) -> None:
         if not node_id or any(char in node_id for char in "{}"):
             raise ValueError("node_id must be non-empty and free of '{' and '}'")
@@ -184,6 +189,7 @@ class RedisBroker:
         self._clock = clock or SystemClock()
         self._max_len = history_max_len
         self._max_age_ms = int(history_max_age * 1000)
+        self._idempotency_ttl_ms = max(1, int(idempotency_ttl * 1000))
         # Commands hold a connection for one round trip, and wait (at most ``pool_wait``,
         # then BackendUnavailable) for one of ``max_connections`` per primary.
         self._clients = RedisClients(url, max_connections=max_connections, pool_wait=pool_wait,
@@ -286,16 +292,24 @@ class RedisBroker:
         return [now_ms, self._max_len, max(0, now_ms - self._max_age_ms)]
 
     async def append(
-        self, workspace: WorkspaceKey, event_type: str, actor: dict[str, Any], data: dict[str, Any]
+        self, workspace: WorkspaceKey, event_type: str, actor: dict[str, Any], data: dict[str, Any],
+        idempotency_key: str | None = None,
     ) -> Envelope:
         pending = PendingEvent(event_type, actor, data)
         now_ms = int(self._clock.now() * 1000)
+        published = self.keys.published(workspace, idempotency_key or "")
         with self._unavailable():
             result = await self._append(
                 keys=[self.keys.epoch(workspace), self.keys.log(workspace),
-                      self.keys.notify(workspace), self.keys.mark(workspace)],
-                args=[secrets.token_hex(4), *self._trim_args(now_ms), *entry_fields(pending, self.node_id)],
+                      self.keys.notify(workspace), self.keys.mark(workspace), published],
+                args=[secrets.token_hex(4), *self._trim_args(now_ms),
+                      self._idempotency_ttl_ms if idempotency_key is not None else 0,
+                      *entry_fields(pending, self.node_id)],
             )
+        if text(result[0]) == "=":  # a retry: what the first publish with this key appended
+            epoch, entry_id, kind, actor_json, data_json = json.loads(result[1])
+            pending = PendingEvent(kind, json.loads(actor_json), json.loads(data_json))
+            return issued(workspace, epoch, [entry_id], [pending])[0]
         return issued(workspace, text(result[0]), result[1:], [pending])[0]
 
     async def presence_snapshot(self, workspace: WorkspaceKey) -> Snapshot:

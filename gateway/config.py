@@ -36,6 +36,8 @@ class Settings:
     node_timeout: float = 15.0
     history_max_len: int = 10_000
     history_max_age: float = 86_400.0
+    # Seconds a publish's Idempotency-Key is remembered (a retry within it appends nothing).
+    idempotency_ttl: float = 300.0
     keepalive: float = 15.0
     retry_ms: int = 3_000
     ticket_ttl: float = 30.0
@@ -67,7 +69,7 @@ class Settings:
         if self.jwt_algorithm != "HS256" and self.jwt_secret:
             raise ValueError(f"{self.jwt_algorithm} takes --jwt-public-key-file, not a secret")
         for name in ("presence_ttl", "disconnect_grace", "node_timeout", "keepalive",
-                     "ticket_ttl", "sweep_interval", "history_max_age", "ws_rate_limit",
+                     "ticket_ttl", "sweep_interval", "history_max_age", "idempotency_ttl", "ws_rate_limit",
                      "ws_auth_timeout", "ws_close_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

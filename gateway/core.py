@@ -247,7 +247,8 @@ class Gateway:
     # -- events -----------------------------------------------------------------
 
     async def publish(
-        self, identity: Identity, workspace: WorkspaceKey, event_type: str, data: dict[str, Any]
+        self, identity: Identity, workspace: WorkspaceKey, event_type: str, data: dict[str, Any],
+        *, idempotency_key: str | None = None,
     ) -> Envelope:
         identity.authorize(workspace, EVENTS_PUBLISH)
         problem = portability_problem(data)
@@ -259,7 +260,8 @@ class Gateway:
         if len(JSON.encode(data)) > self.settings.max_event_bytes:
             raise ApiError("PAYLOAD_TOO_LARGE", {"max_bytes": self.settings.max_event_bytes})
         with self.metrics.backend_latency.labels("append").time():
-            envelope = await self.broker.append(workspace, event_type, identity.actor, data)
+            envelope = await self.broker.append(workspace, event_type, identity.actor, data,
+                                                idempotency_key)
         self.metrics.events_published.inc()
         return envelope
 

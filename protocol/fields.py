@@ -20,3 +20,6 @@ Name = Annotated[str, Field(min_length=1, max_length=256)]
 
 # The type of a published event: the pattern, outside the reserved families (422 otherwise).
 EventType = Annotated[str, Field(pattern=PUBLISHABLE_TYPE.pattern), AfterValidator(_not_reserved)]
+
+# A publisher's key for retrying one publish (SPEC §8): 1-128 printable ASCII characters.
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$")]

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from protocol.codecs import JSON, MSGPACK, Codec
 from protocol.envelope import WorkspaceKey, portability_problem
 from protocol.errors import ValidationFailed
-from protocol.fields import EventType, Name
+from protocol.fields import EventType, IdempotencyKey, Name
 
 SUBPROTOCOL_JSON: Final = "mm-sync.v1.json"
 SUBPROTOCOL_MSGPACK: Final = "mm-sync.v1.msgpack"
@@ -94,6 +94,7 @@ class Publish(_OnWorkspace):
     op: ClassVar[str] = "publish"
     type: EventType
     data: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: IdempotencyKey | None = None
 
 
 class Ping(ClientMessage):

@@ -156,6 +156,49 @@ async def test_history_older_than_max_age_is_gone(
     assert await broker.read_after(WS, EventId.parse(old[-1].id)) == [new]
 
 
+# -- idempotent publishing (SPEC §8) ---------------------------------------------------
+
+
+async def test_a_retry_with_the_same_key_answers_the_original_and_appends_nothing(
+    broker: Broker,
+) -> None:
+    start = await start_of_log(broker)
+    first = await broker.append(WS, "doc.updated", actor("svc"), {"n": 1, "é": "ü"}, "key-1")
+    # The retry's body does not matter: the key names the publish it repeats.
+    again = await broker.append(WS, "doc.updated", actor("svc"), {"n": 2}, "key-1")
+    assert again == first
+    other = await broker.append(WS, "doc.updated", actor("svc"), {"n": 3}, "key-2")
+    unkeyed = await broker.append(WS, "doc.updated", actor("svc"), {"n": 4})
+    assert await broker.read_after(WS, start) == [first, other, unkeyed]
+
+
+async def test_concurrent_retries_of_one_key_append_once(broker: Broker) -> None:
+    start = await start_of_log(broker)
+    answers = await asyncio.gather(*(
+        broker.append(WS, "doc.updated", actor("svc"), {"try": n}, "same") for n in range(20)))
+    assert len({answer.id for answer in answers}) == 1
+    assert await broker.read_after(WS, start) == [answers[0]]
+
+
+async def test_an_idempotency_key_belongs_to_its_workspace(broker: Broker) -> None:
+    here = await broker.append(WS, "doc.updated", actor("svc"), {}, "key")
+    there = await broker.append(OTHER_WS, "doc.updated", actor("svc"), {}, "key")
+    assert (here.workspace_id, there.workspace_id) == ("ws-1", "ws-2")
+
+
+async def test_an_idempotency_key_is_forgotten_after_its_ttl(
+    brokers_with: Callable[..., Any], clock: ManualClock
+) -> None:
+    broker = await brokers_with(idempotency_ttl=0.2)
+    start = await start_of_log(broker)
+    first = await broker.append(WS, "doc.updated", actor("svc"), {"n": 1}, "key")
+    clock.advance(0.3)  # the embedded backend's clock; Redis expires keys on its own
+    await asyncio.sleep(0.3)
+    second = await broker.append(WS, "doc.updated", actor("svc"), {"n": 2}, "key")
+    assert second != first
+    assert await broker.read_after(WS, start) == [first, second]
+
+
 # -- presence ------------------------------------------------------------------
 
 

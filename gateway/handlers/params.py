@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.fields import EventType, Name
+from protocol.fields import EventType, IdempotencyKey, Name
 
 
 class StreamQuery(BaseModel):
@@ -30,6 +30,12 @@ class PresenceQuery(BaseModel):
 
     resource_type: Name | None = None
     resource_id: Name | None = None
+
+
+class PublishHeaders(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    idempotency_key: IdempotencyKey | None = Field(None, alias="idempotency-key")
 
 
 class PublishBody(BaseModel):

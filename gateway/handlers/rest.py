@@ -8,7 +8,7 @@ from aiohttp import web
 
 from gateway.auth import EVENTS_PUBLISH, PRESENCE_WRITE, SYNC_READ
 from gateway.handlers.common import identify, json_response, parse, query_of
-from gateway.handlers.params import PresenceQuery, PublishBody, ViewingQuery
+from gateway.handlers.params import PresenceQuery, PublishBody, PublishHeaders, ViewingQuery
 from gateway.presence import Resource
 from protocol.errors import ApiError, ValidationFailed
 
@@ -60,8 +60,11 @@ async def publish(request: web.Request) -> web.Response:
     if body is None:
         raise ValidationFailed(({"loc": ["body"], "msg": "Field required", "type": "missing",
                                  "input": None, "ctx": {}},))
+    headers = parse(PublishHeaders, {"idempotency-key": request.headers.get("Idempotency-Key")}
+                    if "Idempotency-Key" in request.headers else {}, "header")
     event = parse(PublishBody, body, "body")
-    envelope = await gateway.publish(identity, workspace, event.type, event.data)
+    envelope = await gateway.publish(identity, workspace, event.type, event.data,
+                                     idempotency_key=headers.idempotency_key)
     return json_response(envelope.to_dict())
 
 

@@ -463,7 +463,7 @@ async def _viewing(conn: Connection, message: Viewing) -> Answer:
 
 async def _publish(conn: Connection, message: Publish) -> Answer:
     envelope = await conn.gateway.publish(conn.user, message.workspace, message.type,
-                                          message.data)
+                                          message.data, idempotency_key=message.idempotency_key)
     return reply_message(message.ref, envelope.to_dict())
 
 

@@ -643,7 +643,8 @@ class Stream:
 
 async def call(session: aiohttp.ClientSession, method: str, url: str, user: str,
                **kwargs: Any) -> tuple[int, Any]:
-    async with session.request(method, url, headers=auth(user),
+    headers = {**auth(user), **kwargs.pop("headers", {})}
+    async with session.request(method, url, headers=headers,
                                timeout=aiohttp.ClientTimeout(total=10), **kwargs) as response:
         body = await response.json(content_type=None)
         return response.status, body

@@ -143,6 +143,34 @@ async def test_resume_with_last_event_id_on_another_node(
     await asyncio.gather(*(scenario(ws) for ws in topology.workspaces))
 
 
+async def test_a_publish_retried_on_another_node_appends_once(
+    spawn: Spawner, session: aiohttp.ClientSession, topology: Topology
+) -> None:
+    a, b = await spawn.start(topology.server, "node-a", "node-b")
+
+    async def publish(node: Node, ws: str, key: str, n: int) -> dict[str, object]:
+        status, body = await call(session, "POST", f"{node.url}{base(ws)}/events", "svc",
+                                  json={"type": "doc.updated", "data": {"n": n}},
+                                  headers={"Idempotency-Key": key})
+        assert status == 200, body
+        return dict(body)
+
+    async def scenario(ws: str) -> None:
+        reader = await Stream(session, b, "reader", workspace=ws).open()
+        await reader.wait_for(lambda s: bool(s.of_type("sync.snapshot")), 5)
+        first = await publish(a, ws, "retry-me", 1)
+        # Retries race each other on both nodes; every answer is the first publish's.
+        retries = await asyncio.gather(*(publish((a, b)[n % 2], ws, "retry-me", n)
+                                         for n in range(6)))
+        assert all(retry == first for retry in retries)
+        other = await publish(b, ws, "another", 2)
+        await reader.wait_for(lambda s: other["id"] in published(s), 5)
+        assert published(reader) == [first["id"], other["id"]]
+        await reader.close()
+
+    await asyncio.gather(*(scenario(ws) for ws in topology.workspaces))
+
+
 async def test_a_killed_node_leaves_no_ghosts_one_left_per_user_within_the_timeout(
     spawn: Spawner, session: aiohttp.ClientSession, topology: Topology
 ) -> None:
