@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final
 
-from gateway.hub import Closed, Outbox, Resync, is_after, sync_envelope
+from gateway.hub import REPLAY_PAGE, Closed, Outbox, Resync, is_after, sync_envelope
 from protocol.envelope import SYNC_RESET, Envelope, EventId, WorkspaceKey
 
 # What a socket sends: an event (encoded once per encoding by the writer) or an
@@ -25,19 +25,33 @@ Frame = Envelope | bytes
 OVERFLOW: Final = "overflow"
 
 
+class _Replayed:
+    """A replayed frame in the queue (it counts against the replay window, not the limit)."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: Frame) -> None:
+        self.frame = frame
+
+
 class Outgoing:
     """A socket's bounded send queue.
 
-    ``offer`` never blocks; past ``limit`` queued frames it closes the queue with
-    ``overflow``. ``put`` waits for room instead (for a replay, which the client
-    asked for and reads at its own pace). Once closed, ``next`` answers ``Closed``
-    at once: queued frames are dropped (the client resumes with ``since``), except
-    the ``farewell`` frames given to ``close``, which the writer sends before closing.
+    ``offer`` never blocks; past ``limit`` queued frames (live events and answers) it
+    closes the queue with ``overflow``. ``put`` is for replays, which the client asked for
+    and reads at its own pace: it waits while ``replay_window`` replayed frames are queued,
+    and replayed frames never count against ``limit`` (a long resume of one workspace does
+    not make another's live event overflow). Once closed, ``next`` answers ``Closed`` at
+    once: queued frames are dropped (the client resumes with ``since``), except the
+    ``farewell`` frames given to ``close``, which the writer sends before closing.
     """
 
-    def __init__(self, limit: int, on_close: Callable[[str], None] | None = None) -> None:
-        self._frames: deque[Frame] = deque()
+    def __init__(self, limit: int, on_close: Callable[[str], None] | None = None,
+                 replay_window: int = REPLAY_PAGE) -> None:
+        self._frames: deque[Frame | _Replayed] = deque()
         self._limit = limit
+        self._window = replay_window
+        self._replayed = 0
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -48,25 +62,25 @@ class Outgoing:
     def offer(self, frame: Frame) -> bool:
         if self.closed is not None:
             return False
-        if len(self._frames) >= self._limit:
+        if len(self._frames) - self._replayed >= self._limit:
             self.close(OVERFLOW)
             return False
-        self._push(frame)
+        self._frames.append(frame)
+        self._ready.set()
         return True
 
     async def put(self, frame: Frame) -> bool:
-        """Queue ``frame`` once there is room; False if the queue is (or gets) closed."""
-        while self.closed is None and len(self._frames) >= self._limit:
+        """Queue a replayed ``frame`` once the replay window has room; False if the queue
+        is (or gets) closed."""
+        while self.closed is None and self._replayed >= self._window:
             self._room.clear()
             await self._room.wait()
         if self.closed is not None:
             return False
-        self._push(frame)
-        return True
-
-    def _push(self, frame: Frame) -> None:
-        self._frames.append(frame)
+        self._replayed += 1
+        self._frames.append(_Replayed(frame))
         self._ready.set()
+        return True
 
     def close(self, reason: str, farewell: tuple[Frame, ...] = ()) -> None:
         if self.closed is not None:
@@ -74,6 +88,7 @@ class Outgoing:
         self.closed = Closed(reason)
         self.farewell = farewell
         self._frames.clear()
+        self._replayed = 0
         self._ready.set()
         self._room.set()
         if self._on_close is not None:
@@ -85,7 +100,10 @@ class Outgoing:
                 return self.closed
             if self._frames:
                 frame = self._frames.popleft()
-                self._room.set()
+                if type(frame) is _Replayed:
+                    self._replayed -= 1
+                    self._room.set()
+                    return frame.frame
                 return frame
             self._ready.clear()
             await self._ready.wait()
@@ -113,6 +131,7 @@ class Subscription(Outbox):
         self._skip_through: EventId | None = None
         self._last_id = ""
         self._live = False
+        self.replaying: asyncio.Task[None] | None = None  # the replay being written, if any
 
     def offer(self, item: Envelope | Resync) -> bool:
         if not self._live:

@@ -81,7 +81,9 @@ class Outbox:
     """A subscriber's bounded queue. ``offer`` never blocks; overflow closes the outbox.
 
     Once closed, ``next`` answers ``Closed`` at once (queued items are dropped: the
-    client resumes from the last id it received).
+    client resumes from the last id it received). While a ``Replay`` is being read
+    (``holding``), overflow is no fault of the client's: the queued events are dropped and
+    ``lagged`` is set, and the replay reads them again from the log.
     """
 
     def __init__(self, limit: int, on_close: Callable[[str], None] | None = None) -> None:
@@ -90,11 +92,17 @@ class Outbox:
         self._ready = asyncio.Event()
         self.closed: Closed | None = None
         self._on_close = on_close
+        self.holding = False
+        self.lagged = False
 
     def offer(self, item: Envelope | Resync) -> bool:
         if self.closed is not None:
             return False
         if len(self._items) >= self._limit:
+            if self.holding:
+                self._items.clear()
+                self.lagged = True
+                return True
             self.close("overflow")
             return False
         self._items.append(item)
@@ -118,6 +126,11 @@ class Outbox:
                 return self._items.popleft()
             self._ready.clear()
             await self._ready.wait()
+
+    def drop(self) -> None:
+        """Forget what is queued (a replay starts over from a fresh snapshot)."""
+        self._items.clear()
+        self.lagged = False
 
     def ready(self, limit: int) -> list[Envelope | Resync]:
         """Up to ``limit`` queued items, without waiting (for batching writes)."""
@@ -264,12 +277,18 @@ class Hub:
         if feed is not None:
             return feed
         lock = self._creating.setdefault(workspace, asyncio.Lock())
-        async with lock:
-            feed = self._feeds.get(workspace)
-            if feed is None:
-                snapshot = await self._broker.presence_snapshot(workspace)
-                feed = self._feeds[workspace] = Feed(self._broker, workspace, snapshot)
-        self._creating.pop(workspace, None)
+        try:
+            async with lock:
+                feed = self._feeds.get(workspace)
+                if feed is None:
+                    snapshot = await self._broker.presence_snapshot(workspace)
+                    # A creation under a newer lock (this one's creator failed) may have won.
+                    feed = self._feeds.get(workspace)
+                    if feed is None:
+                        feed = self._feeds[workspace] = Feed(self._broker, workspace, snapshot)
+        finally:  # also when the snapshot failed: a lock per workspace ever asked is a leak
+            if self._creating.get(workspace) is lock:
+                del self._creating[workspace]
         return feed
 
     def existing_feed(self, workspace: WorkspaceKey) -> Feed | None:
@@ -304,23 +323,28 @@ REPLAY_PAGE: Final = 32  # events: at most 32 x 64 KiB held for a client that do
 
 
 class Replay:
-    """What a subscriber attached at ``snapshot`` receives before live events, a page at a
-    time (a client resuming far back never makes the node hold more than a page for it).
+    """What a subscriber attached to ``feed`` (its ``outbox``, at ``snapshot``) receives
+    before live events, a page at a time, at the client's pace: a client resuming far back
+    never makes the node hold more than a page for it, and never overflows for it.
 
     Without ``since``: the snapshot. With a resumable ``since``: every retained event after
-    it, up to the snapshot's position (later ones are live events, already queued for the
-    subscriber). Otherwise — or if history goes while the replay is read — ``sync.reset``
-    and the snapshot. ``cursor`` is the position after everything given so far: live events
-    up to it are duplicates."""
+    it, up to the snapshot's position (later ones are live events, queued in the outbox).
+    Otherwise — or if history goes while the replay is read — ``sync.reset`` and a snapshot.
+    While the replay is read the outbox is ``holding``: if live events overflow it, they are
+    dropped and read from the log after the replay, until the replay has caught up with them.
+    ``cursor`` is the position after everything given so far: live events up to it are
+    duplicates."""
 
-    def __init__(self, broker: Broker, workspace: WorkspaceKey, snapshot: Envelope,
+    def __init__(self, broker: Broker, feed: Feed, outbox: Outbox, snapshot: Envelope,
                  since: str | None) -> None:
-        self._broker, self._workspace, self._snapshot, self._since = broker, workspace, snapshot, since
-        self._until = EventId.parse(snapshot.id)
+        self._broker, self._feed, self._outbox = broker, feed, outbox
+        self._workspace, self._snapshot, self._since = feed.workspace, snapshot, since
+        self._until: EventId | None = EventId.parse(snapshot.id)
         self.cursor: EventId | None = self._until
         self.reset = False
         self._first: list[Envelope] = []
         self._more = False
+        outbox.holding = True
 
     async def start(self) -> Replay:
         """Read the first page (so ``reset`` is known before anything is sent)."""
@@ -330,40 +354,72 @@ class Replay:
         try:
             self.cursor = EventId.parse(self._since)
         except ValueError:
-            self._first = self._reset()
+            self._first = self._reset(self._snapshot)
             return self
-        self._first = await self._page()
+        self._first = await self._page(retry=False)
         return self
 
-    def _reset(self) -> list[Envelope]:
-        self.reset, self._more, self.cursor = True, False, self._until
+    def _reset(self, snapshot: Envelope) -> list[Envelope]:
+        self.reset, self._more = True, False
+        self.cursor = EventId.parse(snapshot.id)
         reset = sync_envelope(
-            self._workspace, SYNC_RESET, self._snapshot.id,
+            self._workspace, SYNC_RESET, snapshot.id,
             # Echoed for the client's logs: printable ASCII only (headers may carry any bytes).
             {"reason": "history_unavailable",
              "last_event_id": (self._since or "")[:128].encode("ascii", "replace").decode()},
         )
-        return [reset, self._snapshot]
+        return [reset, snapshot]
 
-    async def _page(self) -> list[Envelope]:
+    async def _page(self, *, retry: bool = True) -> list[Envelope]:
+        """The next page up to ``_until`` (to the log's end once it is None)."""
         assert self.cursor is not None
         if self.cursor == self._until:
             self._more = False
             return []
         try:
-            page = await self._broker.read_after(self._workspace, self.cursor, REPLAY_PAGE)
+            page = await self._read(self.cursor, retry)
         except HistoryGone:
-            return self._reset()
+            if self._until is None:  # live events were dropped: start over from now
+                self._outbox.drop()
+                return self._reset(self._feed.snapshot_envelope())
+            return self._reset(self._snapshot)
         self._more = len(page) >= REPLAY_PAGE
-        kept = [envelope for envelope in page if not is_after(envelope, self._until)]
+        kept = page if self._until is None else [e for e in page if not is_after(e, self._until)]
         if len(kept) < len(page):
             self._more = False
         if kept:
             self.cursor = EventId.parse(kept[-1].id)
         return kept
 
+    async def _read(self, after: EventId, retry: bool) -> list[Envelope]:
+        """A page of the log; while the backend is unavailable, retried for as long as the
+        subscriber is there (it has part of its replay: an error now would help nobody)."""
+        backoff = Backoff(0.05, 2.0)
+        while True:
+            try:
+                return await self._broker.read_after(self._workspace, after, REPLAY_PAGE)
+            except BackendUnavailable:
+                if not retry:
+                    raise
+            if self._outbox.closed is not None:
+                return []
+            await backoff.pause()
+
     async def pages(self) -> AsyncIterator[list[Envelope]]:
-        page, self._first = self._first, []
-        while page:
-            yield page
-            page = await self._page() if self._more else []
+        try:
+            page, self._first = self._first, []
+            while page:
+                yield page
+                page = await self._page() if self._more else []
+            # Live events overflowed the outbox meanwhile: read on from the log. The last
+            # read starts after the outbox holds again, so whatever it misses is queued there.
+            while self._outbox.lagged and self._outbox.closed is None:
+                self._outbox.lagged = False
+                self._until = None
+                page = await self._page()
+                if self._more:
+                    self._outbox.lagged = True  # a full page: there is more to read first
+                if page:
+                    yield page
+        finally:
+            self._outbox.holding = False

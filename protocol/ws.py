@@ -37,6 +37,7 @@ class CloseCode(IntEnum):
     INVALID_TEXT = 1007  # a text frame that is not UTF-8 (aiohttp enforces it)
     POLICY_VIOLATION = 1008  # could not keep up (send buffer overflow), or flooded
     MESSAGE_TOO_BIG = 1009  # a frame over the size limit
+    INTERNAL_ERROR = 1011  # the gateway failed (a bug): reconnect and resume with since
     SERVICE_RESTART = 1012  # the node drains: reconnect (to any node) and resume with since
     UNAUTHENTICATED = 4401  # no valid auth in time, a bad token, or the token expired
 

@@ -15,7 +15,8 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import backend_for, create_app
 from gateway.auth import ALL_PERMISSIONS, mint_token
@@ -108,6 +109,15 @@ async def broker(
     await instance.close()
 
 
+class ProductionServer(TestServer):
+    """The test server as ``serve`` runs it: aiohttp's test server cancels a handler whose
+    client disconnects; ``web.run_app`` (production) does not, so neither may the tests."""
+
+    async def _make_runner(self, handler_cancellation: bool = False,
+                           **kwargs: Any) -> web.BaseRunner:
+        return await super()._make_runner(handler_cancellation=False, **kwargs)
+
+
 @pytest.fixture
 def app_factory(
     aiohttp_client: Any, clock: ManualClock
@@ -115,7 +125,7 @@ def app_factory(
     """``await app_factory(settings, broker=None)`` -> an aiohttp ``TestClient`` on a real socket."""
 
     async def make(settings: Settings, broker: Broker | None = None) -> TestClient:
-        return await aiohttp_client(create_app(settings, clock=clock, broker=broker))
+        return await aiohttp_client(ProductionServer(create_app(settings, clock=clock, broker=broker)))
 
     return make
 

@@ -168,16 +168,22 @@ async def test_outgoing_offer_overflows_and_put_waits() -> None:
     from gateway.hub import Closed
 
     reasons: list[str] = []
-    queue = Outgoing(2, on_close=reasons.append)
-    assert queue.offer(b"1") and queue.offer(b"2")
-    waiting = asyncio.create_task(queue.put(b"3"))
+    queue = Outgoing(2, on_close=reasons.append, replay_window=2)
+    assert queue.offer(b"1") and queue.offer(b"2")  # live frames: at the limit
+    # Replayed frames go at the client's pace and never count against the limit...
+    assert await queue.put(b"r1") and await queue.put(b"r2")
+    waiting = asyncio.create_task(queue.put(b"r3"))
     await asyncio.sleep(0)
-    assert not waiting.done()  # full: put waits for room
+    assert not waiting.done()  # ... but wait while the replay window is full
     assert await queue.next() == b"1"
+    await asyncio.sleep(0)
+    assert not waiting.done()  # a live frame sent makes no room in the window
+    assert [await queue.next(), await queue.next()] == [b"2", b"r1"]
     assert await waiting is True
-    assert queue.offer(b"4") is False  # offer never waits: overflow closes
+    assert queue.offer(b"3") and queue.offer(b"4")  # r2 and r3 queued: still room for 2 live
+    assert queue.offer(b"5") is False  # offer never waits: overflow closes
     assert reasons == ["overflow"] and await queue.next() == Closed("overflow")
-    assert await queue.put(b"5") is False
+    assert await queue.put(b"6") is False
 
 
 def test_token_bucket() -> None:

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 TRANSPORT = "sse"
 WRITE_BATCH = 64
+# A stream that ends (timeout, token expiry, drain) has this long to write its last frames;
+# a client that does not read them is cut, so no blocked write outlives the stream.
+CLOSE_GRACE_SECONDS = 5.0
 
 
 async def _identity_and_query(
@@ -70,12 +73,17 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
     feed = await gateway.hub.feed(workspace)
     transport = request.transport
+    cut: asyncio.TimerHandle | None = None
 
     def closed(reason: str) -> None:
+        nonlocal cut
+        if transport is None or reason == "disconnected":
+            return
         if reason == "overflow":  # a client that cannot keep up: cut it, it resumes later
             gateway.metrics.slow_consumer_disconnects.labels(TRANSPORT).inc()
-            if transport is not None:
-                transport.abort()
+            transport.abort()
+        else:  # the stream ends: a write the client does not read may not hold it open
+            cut = asyncio.get_running_loop().call_later(CLOSE_GRACE_SECONDS, transport.abort)
 
     outbox = Outbox(gateway.settings.send_buffer, on_close=closed)
     snapshot = feed.attach(outbox)  # live events from here on queue up in the outbox
@@ -84,7 +92,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     timer: asyncio.Task[None] | None = None
     held = False
     try:
-        replay = await Replay(gateway.broker, workspace, snapshot, since).start()
+        replay = await Replay(gateway.broker, feed, outbox, snapshot, since).start()
         await gateway.stream_opened(identity, workspace)
         held = True
         response = EventSourceResponse(
@@ -100,8 +108,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
             _end_at(gateway, outbox, gateway.clock.now() + query.timeout, identity.expires_at)
         )
         await response.write(sse.retry(gateway.settings.retry_ms))
-        await _replay(response, replay)
-        await _pump(gateway, response, outbox, workspace, replay.cursor)
+        cursor = await _replay(response, replay, outbox)
+        await _pump(gateway, response, outbox, workspace, cursor)
     except ConnectionResetError:
         if response is None:
             raise
@@ -111,6 +119,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
         log.exception("stream failed; closing it", extra={"workspace": str(workspace)})
     finally:
         feed.detach(outbox)
+        if cut is not None:  # ended in time (the connection may serve another request)
+            cut.cancel()
         for task in (timer, watcher):
             if task is not None:
                 task.cancel()
@@ -121,12 +131,22 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _replay(response: EventSourceResponse, replay: Replay) -> None:
+async def _replay(response: EventSourceResponse, replay: Replay, outbox: Outbox) -> EventId | None:
     """Write the replay a page at a time, waiting for each write: a client resuming far back
     never makes the node hold more than a page of events for it. Replayed envelopes may be
-    the broker's retained ones, so their encodings are not cached on them."""
-    async for page in replay.pages():
-        await response.write(b"".join(sse.encode_envelope(envelope) for envelope in page))
+    the broker's retained ones, so their encodings are not cached on them.
+
+    Returns the position live events continue from: the replay's cursor, or, when the
+    stream closed meanwhile (timeout, token expiry, drain), the last event written (the
+    client resumes after it)."""
+    written: Envelope | None = None
+    async with contextlib.aclosing(replay.pages()) as pages:
+        async for page in pages:
+            if written is not None and outbox.closed is not None:
+                return EventId.parse(written.id)
+            await response.write(b"".join(sse.encode_envelope(envelope) for envelope in page))
+            written = page[-1]
+    return replay.cursor
 
 
 async def _pump(

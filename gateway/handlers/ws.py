@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -72,6 +72,7 @@ CLOSE_REASONS: Final[dict[str, tuple[CloseCode, str]]] = {
     "token_expired": (CloseCode.UNAUTHENTICATED, "token expired"),
     "unauthenticated": (CloseCode.UNAUTHENTICATED, "authentication failed"),
     "auth_timeout": (CloseCode.UNAUTHENTICATED, "authentication timeout"),
+    "failed": (CloseCode.INTERNAL_ERROR, "internal error: reconnect and resume with since"),
 }
 
 
@@ -177,6 +178,8 @@ class Connection:
                 timer.cancel()
             for feed, subscription in self.subscriptions.values():
                 feed.detach(subscription)
+                if subscription.replaying is not None:
+                    subscription.replaying.cancel()
             if self._transport is not None:  # a peer that never reads cannot hold the socket
                 asyncio.get_running_loop().call_later(
                     self.settings.ws_close_timeout * 2, self._transport.abort)
@@ -277,12 +280,20 @@ class Connection:
         await self.ws.send_frame(data, self._opcode)
 
     async def _write(self) -> None:
-        with contextlib.suppress(ConnectionError):
+        try:
             while True:
                 frame = await self.outgoing.next()
                 if isinstance(frame, Closed):
                     return
                 await self._send(frame)
+        except Exception as exc:
+            # The client is gone (or the socket broke): nothing more can be written, so
+            # nothing may wait to be (a replay's ``put``), and the read loop must end too.
+            if not isinstance(exc, ConnectionError):
+                log.exception("websocket write failed; closing the connection")
+            self.outgoing.close("disconnected")
+            if self._transport is not None:
+                self._transport.abort()
 
     def _on_close(self, reason: str) -> None:
         if reason == OVERFLOW:
@@ -405,8 +416,7 @@ async def _subscribe(conn: Connection, message: Subscribe) -> Answer:
                                  "msg": "Value error, already subscribed",
                                  "type": "value_error", "input": workspace.workspace_id,
                                  "ctx": {"error": "already subscribed"}},))
-    if len(conn.subscriptions) >= conn.settings.ws_max_subscriptions:
-        raise ApiError("RATE_LIMITED", {"max_subscriptions": conn.settings.ws_max_subscriptions})
+    _check_room(conn, conn.subscriptions, workspace, "max_subscriptions")
     if gateway.draining:
         raise ApiError("SERVICE_UNAVAILABLE", {"reason": "draining"})
     feed = await gateway.hub.feed(workspace)
@@ -414,7 +424,7 @@ async def _subscribe(conn: Connection, message: Subscribe) -> Answer:
     snapshot = feed.attach(subscription)  # live events from here on wait in the subscription
     conn.subscriptions[workspace] = (feed, subscription)
     try:
-        replay = await Replay(gateway.broker, workspace, snapshot, message.since).start()
+        replay = await Replay(gateway.broker, feed, subscription, snapshot, message.since).start()
     except BaseException:
         feed.detach(subscription)
         del conn.subscriptions[workspace]
@@ -422,24 +432,51 @@ async def _subscribe(conn: Connection, message: Subscribe) -> Answer:
     resumed = message.since is not None and not replay.reset
     conn.answer(reply_message(message.ref, _workspace_data(
         workspace, subscribed=True, resumed=resumed, snapshot=snapshot.to_dict())))
-    async for page in replay.pages():  # a replay: at the client's pace, never an overflow
-        for envelope in page:
-            if not await conn.outgoing.put(envelope):
-                return None
-    subscription.go_live(replay.cursor)
+    # Written while the socket goes on reading: a ping, an unsubscribe or the client's
+    # disappearance is noticed at once, however long the replay.
+    subscription.replaying = asyncio.create_task(
+        _replay(conn, subscription, replay), name=f"ws replay {workspace}")
     return None
+
+
+async def _replay(conn: Connection, subscription: Subscription, replay: Replay) -> None:
+    """Queue the replay at the client's pace (``put``: never an overflow), then go live."""
+    try:
+        async with contextlib.aclosing(replay.pages()) as pages:
+            async for page in pages:
+                for envelope in page:
+                    if not await conn.outgoing.put(envelope):
+                        return
+        subscription.go_live(replay.cursor)
+    except Exception:
+        log.exception("websocket replay failed; closing the connection",
+                      extra={"workspace": str(subscription.workspace)})
+        conn.outgoing.close("failed")
+    finally:
+        subscription.replaying = None
+
+
+def _check_room(conn: Connection, holding: Collection[WorkspaceKey], workspace: WorkspaceKey,
+                what: str) -> None:
+    """At most ``ws_max_subscriptions`` workspaces subscribed, and as many joined, per socket."""
+    if workspace not in holding and len(holding) >= conn.settings.ws_max_subscriptions:
+        raise ApiError("RATE_LIMITED", {what: conn.settings.ws_max_subscriptions})
 
 
 async def _unsubscribe(conn: Connection, message: Unsubscribe) -> Answer:
     entry = conn.subscriptions.pop(message.workspace, None)
+    conn.sent.pop(message.workspace, None)
     if entry is not None:
         feed, subscription = entry
         feed.detach(subscription)
+        if subscription.replaying is not None:
+            subscription.replaying.cancel()
     return reply_message(message.ref, _workspace_data(message.workspace, subscribed=False))
 
 
 async def _join(conn: Connection, message: Join) -> Answer:
     conn.user.authorize(message.workspace, PRESENCE_WRITE)
+    _check_room(conn, conn.joined, message.workspace, "max_joined")
     data = await conn.gateway.session_join(conn.user, message.workspace, conn.session_id)
     conn.joined.add(message.workspace)
     return reply_message(message.ref, data)
@@ -454,6 +491,7 @@ async def _leave(conn: Connection, message: Leave) -> Answer:
 
 async def _viewing(conn: Connection, message: Viewing) -> Answer:
     conn.user.authorize(message.workspace, PRESENCE_WRITE)
+    _check_room(conn, conn.joined, message.workspace, "max_joined")
     resource = Resource(message.resource_type, message.resource_id)
     data = await conn.gateway.session_viewing(conn.user, message.workspace, conn.session_id,
                                               resource)
