@@ -1,8 +1,16 @@
-"""The embedded single-node backend: workspace logs and presence records in process."""
+"""The embedded single-node backend: workspace logs and presence records in process.
+
+A workspace's log is forgotten once nothing needs it: no follower, no presence record, no
+idempotency key still remembered, and every entry past ``history_max_age`` (or none ever
+appended; reads create nothing). A later reader gets a fresh log; a client resuming from
+an id of the forgotten one gets ``sync.reset``, which is what it would have got anyway once
+the entries expired. Sweeping visits only workspaces with presence records that are due.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -34,6 +42,11 @@ class _Log:
     followers: set[_Follower] = field(default_factory=set)
     # Idempotency key -> (forgotten at, the envelope its publish appended), oldest first.
     published: OrderedDict[str, tuple[float, Envelope]] = field(default_factory=OrderedDict)
+    # When nothing in the log is needed any more (its last entry expired, its last key is
+    # forgotten), unless followers or records hold it; and whether the broker's forget
+    # queue holds it (once at most).
+    forget_at: float = 0.0
+    queued: bool = False
 
 
 class _Follower:
@@ -53,6 +66,7 @@ class _Follower:
     def close(self) -> None:
         self.closed = True
         self.log.followers.discard(self)
+        self._broker._release(self.log)
 
 
 class MemoryBroker:
@@ -75,6 +89,11 @@ class MemoryBroker:
         self._max_age_ms = int(history_max_age * 1000)
         self._idempotency_ttl = idempotency_ttl
         self._logs: dict[WorkspaceKey, _Log] = {}
+        self._by_log: dict[int, WorkspaceKey] = {}  # id(log) -> its workspace
+        self._forget: list[tuple[float, int, WorkspaceKey, _Log]] = []  # heap, by forget_at
+        self._queued = 0
+        # Workspace -> the earliest time a presence record of it may change by itself.
+        self._expiring: dict[WorkspaceKey, float] = {}
         self._tickets: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
 
     async def start(self) -> None:
@@ -90,7 +109,47 @@ class MemoryBroker:
         log = self._logs.get(workspace)
         if log is None:
             log = self._logs[workspace] = _Log()
+            self._by_log[id(log)] = workspace
         return log
+
+    def _existing(self, workspace: WorkspaceKey) -> _Log:
+        """The workspace's log for a read: an empty one (not kept) if it has none."""
+        return self._logs.get(workspace) or _Log()
+
+    def _keep_until(self, workspace: WorkspaceKey, log: _Log, moment: float) -> None:
+        """The log is needed at least until ``moment``: queue it to be looked at then."""
+        log.forget_at = max(log.forget_at, moment)
+        if not log.queued:
+            log.queued = True
+            self._queued += 1
+            heapq.heappush(self._forget, (log.forget_at, self._queued, workspace, log))
+
+    def _forgettable(self, log: _Log, now: float) -> bool:
+        return not log.followers and not log.records and log.forget_at <= now
+
+    def _release(self, log: _Log) -> None:
+        """A follower left: forget the log now if nothing else needs it."""
+        workspace = self._by_log.get(id(log))
+        if workspace is not None and self._forgettable(log, self._clock.now()):
+            self._drop(workspace, log)
+
+    def _drop(self, workspace: WorkspaceKey, log: _Log) -> None:
+        if self._logs.get(workspace) is log:
+            del self._logs[workspace]
+            del self._by_log[id(log)]
+
+    def _forget_expired(self, now: float) -> None:
+        """Forget the logs whose time came and that nothing holds (O(logs due))."""
+        while self._forget and self._forget[0][0] <= now:
+            _, _, workspace, log = heapq.heappop(self._forget)
+            log.queued = False
+            if self._logs.get(workspace) is not log:  # forgotten already
+                continue
+            if log.forget_at > now:  # used again since it was queued
+                self._keep_until(workspace, log, log.forget_at)
+            elif self._forgettable(log, now):
+                self._drop(workspace, log)
+            # else followers or records hold it: the last of them to go forgets it
 
     def _position(self, log: _Log) -> EventId:
         return EventId(self.epoch, log.last)
@@ -111,6 +170,7 @@ class MemoryBroker:
         log.entries.append((entry, envelope))
         log.last = entry
         self._trim(log, ms)
+        self._keep_until(workspace, log, now + self._max_age_ms / 1000)
         if log.followers:
             # A copy: encodings the feed caches on what it delivers must not stay pinned
             # to the retained history.
@@ -143,6 +203,7 @@ class MemoryBroker:
             return replace(earlier[1])
         envelope = self._append(workspace, log, PendingEvent(event_type, actor, data))
         log.published[idempotency_key] = (now + self._idempotency_ttl, envelope)
+        self._keep_until(workspace, log, now + self._idempotency_ttl)
         return envelope
 
     async def change_presence(
@@ -156,6 +217,10 @@ class MemoryBroker:
             log.records.pop(user_id, None)
         else:
             log.records[user_id] = after
+            expiry = after.next_expiry()
+            due = self._expiring.get(workspace)
+            if expiry is not None and (due is None or expiry < due):
+                self._expiring[workspace] = expiry  # only ever earlier: the sweep makes it exact
         events = tuple(
             self._append(workspace, log, pending)
             for pending in transition(before, after, change.reason)
@@ -163,7 +228,7 @@ class MemoryBroker:
         return PresenceOutcome(after, events)
 
     async def presence_snapshot(self, workspace: WorkspaceKey) -> Snapshot:
-        log = self._log(workspace)
+        log = self._existing(workspace)
         members = {}
         for user_id, record in log.records.items():
             member = record.member()
@@ -192,7 +257,7 @@ class MemoryBroker:
     async def read_after(
         self, workspace: WorkspaceKey, after: EventId, limit: int = 256
     ) -> list[Envelope]:
-        return self._after(self._log(workspace), after, max(1, limit))
+        return self._after(self._existing(workspace), after, max(1, limit))
 
     def follow(self, workspace: WorkspaceKey, after: EventId, sink: LogSink) -> Following:
         follower = _Follower(self, self._log(workspace), after, sink)
@@ -216,14 +281,27 @@ class MemoryBroker:
             follower.sink.deliver(batch)
 
     async def sweep(self) -> int:
+        """Prune the presence records that are due (only workspaces with one due are
+        visited), and forget the logs nothing needs any more."""
         now = self._clock.now()
         changed = 0
-        for workspace, log in list(self._logs.items()):
-            for user_id, record in list(log.records.items()):
+        for workspace, due in list(self._expiring.items()):
+            if due > now:
+                continue
+            log = self._logs.get(workspace)
+            records = log.records if log is not None else {}
+            for user_id, record in list(records.items()):
                 expiry = record.next_expiry()
                 if expiry is not None and expiry <= now:
                     await self.change_presence(workspace, user_id, prune())
                     changed += 1
+            soonest = min((expiry for record in records.values()
+                           if (expiry := record.next_expiry()) is not None), default=None)
+            if soonest is None:
+                del self._expiring[workspace]
+            else:
+                self._expiring[workspace] = soonest
+        self._forget_expired(now)
         return changed
 
     async def put_ticket(self, ticket: str, payload: dict[str, Any], ttl: float) -> None:

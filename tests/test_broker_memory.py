@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from gateway.broker import HistoryGone
 from gateway.broker_memory import MemoryBroker
+from gateway.clock import ManualClock
 from gateway.hub import Hub, Outbox, encoded
+from gateway.presence import session_join, session_leave
 from protocol.envelope import ZERO, Envelope, EventId, WorkspaceKey
 
 WS = WorkspaceKey("org-1", "ws-1")
@@ -26,3 +31,70 @@ async def test_encodings_of_delivered_events_are_not_pinned_to_the_retained_hist
     assert retained == delivered
     assert all(not envelope._encoded for _, envelope in broker._logs[WS].entries)
     await hub.close()
+
+
+# -- the embedded backend forgets what nothing needs -----------------------------------
+
+SERVICE = {"type": "service", "id": "svc"}
+
+
+async def test_workspaces_only_read_leave_nothing_once_their_feeds_are_reaped() -> None:
+    clock = ManualClock()
+    broker = MemoryBroker(clock=clock)
+    hub = Hub(broker)
+    for n in range(2_000):  # presence reads of distinct ids, as a crawler would make
+        await hub.feed(WorkspaceKey("org-1", f"ws-{n}"))
+    await asyncio.sleep(0)
+    await hub.reap_idle(0)
+    await broker.sweep()
+    assert broker._logs == {} and broker._expiring == {}
+
+
+async def test_an_idle_log_is_kept_for_max_age_then_forgotten() -> None:
+    clock = ManualClock()
+    broker = MemoryBroker(clock=clock, history_max_age=60, idempotency_ttl=30)
+    start = (await broker.presence_snapshot(WS)).position
+    sent = await broker.append(WS, "doc.updated", SERVICE, {"n": 1}, "key")
+    clock.advance(59)
+    await broker.sweep()
+    assert await broker.read_after(WS, start) == [sent]  # still within max_age: resumable
+    clock.advance(2)
+    await broker.sweep()
+    assert WS not in broker._logs
+    with pytest.raises(HistoryGone):  # resuming from the forgotten log: sync.reset
+        await broker.read_after(WS, EventId.parse(sent.id))
+    later = await broker.append(WS, "doc.updated", SERVICE, {"n": 2}, "key")
+    assert later != sent and EventId.parse(later.id).entry > EventId.parse(sent.id).entry
+
+
+async def test_an_idempotency_key_keeps_its_log_past_max_age() -> None:
+    clock = ManualClock()
+    broker = MemoryBroker(clock=clock, history_max_age=10, idempotency_ttl=300)
+    sent = await broker.append(WS, "doc.updated", SERVICE, {}, "key")
+    clock.advance(299)
+    await broker.sweep()
+    assert await broker.append(WS, "doc.updated", SERVICE, {}, "key") == sent  # still a retry
+    clock.advance(2)
+    await broker.sweep()
+    assert WS not in broker._logs
+
+
+async def test_followed_logs_and_present_users_are_never_forgotten() -> None:
+    clock = ManualClock()
+    broker = MemoryBroker(clock=clock, history_max_age=10)
+    hub = Hub(broker)
+    followed, joined = WorkspaceKey("org-1", "followed"), WorkspaceKey("org-1", "joined")
+    feed = await hub.feed(followed)
+    feed.attach(Outbox(10))
+    await broker.append(followed, "doc.updated", SERVICE, {})
+    await broker.change_presence(joined, "alice", session_join("alice", {"type": "user", "id": "alice"},
+                                                               "s1", broker.node_id))
+    clock.advance(3600)
+    await broker.sweep()
+    assert set(broker._logs) == {followed, joined}
+    assert list((await broker.presence_snapshot(joined)).members) == ["alice"]
+    await hub.close()
+    await broker.change_presence(joined, "alice", session_leave("s1"))
+    clock.advance(11)
+    await broker.sweep()
+    assert broker._logs == {}
