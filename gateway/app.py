@@ -66,6 +66,7 @@ def create_app(
         metrics=Metrics(),
     )
     app[ws.CONNECTIONS] = ws.Connections()
+    app[health.LEAVING] = asyncio.Event()
     app.add_routes(
         [
             web.get(f"{WORKSPACE}/sync/stream", sse.stream, allow_head=False),
@@ -85,6 +86,7 @@ def create_app(
     cors.setup_cors(app)
     app.cleanup_ctx.extend([_backend, _sweeper, _feed_janitor])
     app.on_shutdown.append(_drain)
+    app.on_response_prepare.append(_retire_connections_when_leaving)
     return app
 
 
@@ -138,31 +140,45 @@ async def _feed_janitor(app: web.Application) -> AsyncIterator[None]:
     await stop(task)
 
 
-DRAIN_NOT_READY_SECONDS = 1.0
+def leave_on_sigterm(app: web.Application) -> None:
+    """For ``serve``: SIGTERM makes the node leave in two steps, as load balancers need.
 
+    1. For ``shutdown_delay`` seconds ``/readyz`` answers 503 while the node still serves
+       everything, new streams and sockets included; responses close their keep-alive
+       connections. Load balancers stop sending traffic (readiness probes fail, endpoint
+       removals spread) before anything is refused.
+    2. Then the graceful shutdown: the node stops listening and drains (``_drain``: every
+       client handed back with a reconnect hint, presence kept for ``disconnect_grace``).
 
-def drain_on_sigterm(app: web.Application) -> None:
-    """For ``serve``: SIGTERM drains first (``/readyz`` answers 503, every client is handed
-    back with a reconnect hint, presence kept for ``disconnect_grace``), and the graceful
-    shutdown follows ``DRAIN_NOT_READY_SECONDS`` later, so load balancers see the node go
-    unready while it still answers. (aiohttp alone would stop listening first.)"""
+    A second SIGTERM changes nothing; SIGINT (aiohttp's own handler) skips the delay.
+    (aiohttp alone would stop listening at once.)"""
 
     async def install(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
-        tasks: set[asyncio.Task[None]] = set()
+        leaving = app[health.LEAVING]
+        delay = app[GATEWAY].settings.shutdown_delay
 
         def on_sigterm() -> None:
-            if app[GATEWAY].draining:
+            if leaving.is_set():
                 return
-            log.info("SIGTERM: draining, then shutting down")
-            task = asyncio.create_task(_drain(app))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            loop.call_later(DRAIN_NOT_READY_SECONDS, _graceful_exit)
+            leaving.set()
+            log.info("SIGTERM: not ready; serving until the shutdown delay ends, then draining",
+                     extra={"shutdown_delay": delay})
+            loop.call_later(delay, _graceful_exit)
 
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
 
     app.on_startup.append(install)
+
+
+async def _retire_connections_when_leaving(request: web.Request, response: web.StreamResponse) -> None:
+    """While leaving, every response closes its connection (``Connection: close``): a
+    keep-alive connection a proxy holds would otherwise break when the node stops
+    listening, failing a request that was already on its way. (Not a WebSocket upgrade: its
+    connection is the socket, closed with 1012 by the drain.)"""
+    if request.app[health.LEAVING].is_set() and response.status != 101:
+        response.force_close()
+        response.headers["Connection"] = "close"
 
 
 def _graceful_exit() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import sys
@@ -52,6 +53,28 @@ def _dev_banner(settings: Settings) -> str:
     ])
 
 
+def _is_loopback(host: str) -> bool:
+    """``host`` reaches this machine only: 127.0.0.0/8, ::1 or ``localhost`` (names are not
+    resolved: any other name counts as reachable from elsewhere)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _dev_mode_refusal(settings: Settings, allowed: bool) -> str | None:
+    """Why dev mode must not start with these settings, or None. Dev mode prints a 12-hour
+    token for every workspace: fine on loopback, an open door on any other interface (an
+    image that listens on 0.0.0.0 and was started without its secret)."""
+    if settings.has_verification_key or allowed or _is_loopback(settings.host):
+        return None
+    return (f"no JWT secret or key, and dev mode would listen on {settings.host or 'every interface'!r}, "
+            "which is not loopback: set GATEWAY_JWT_SECRET (or --jwt-secret / --jwt-public-key-file), "
+            "or listen on --host 127.0.0.1, or pass --dev (GATEWAY_DEV=1) to run dev mode there anyway")
+
+
 def _backend_name(url: str | None) -> str:
     """For the logs: ``memory``, or the Redis URL without its credentials."""
     if url is None or url.startswith("memory://"):
@@ -61,9 +84,14 @@ def _backend_name(url: str | None) -> str:
     return RedisUrl.parse(url).describe()
 
 
-def serve(settings: Settings) -> int:
-    from gateway.app import create_app, drain_on_sigterm
+def serve(settings: Settings, *, dev: bool = False) -> int:
+    """Run one node until SIGTERM/SIGINT. ``dev``: dev mode may listen beyond loopback."""
+    from gateway.app import create_app, leave_on_sigterm
 
+    refusal = _dev_mode_refusal(settings, dev)
+    if refusal is not None:
+        print(f"serve: {refusal}", file=sys.stderr)
+        return 2
     logs.configure(settings.log_level, settings.log_format)
     if not settings.has_verification_key:
         settings = settings.with_dev_secret()
@@ -80,7 +108,7 @@ def serve(settings: Settings) -> int:
         extra={"node_id": settings.node_id, "host": settings.host, "port": settings.port,
                "backend": backend},
     )
-    drain_on_sigterm(app)
+    leave_on_sigterm(app)
     from gateway.logs import AccessLogger
 
     web.run_app(
@@ -112,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_parser = commands.add_parser("serve", help="run a gateway node")
     add_settings_arguments(serve_parser)
+    serve_parser.add_argument(
+        "--dev", action="store_true",
+        help="allow dev mode (no secret: a random one, and a printed token) on a --host other "
+             "than loopback (env GATEWAY_DEV=1)")
 
     token_parser = commands.add_parser("token", help="print a signed JWT (HS256)")
     token_parser.add_argument("--sub", required=True, help="user (or service) id")
@@ -160,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"serve: {exc}", file=sys.stderr)
             return 2
-        return serve(settings)
+        dev = args.dev or os.environ.get("GATEWAY_DEV", "").lower() in ("1", "true", "yes")
+        return serve(settings, dev=dev)
     if args.command == "token":
         return token(args)
     if args.command == "tail":

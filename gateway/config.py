@@ -55,6 +55,10 @@ class Settings:
     ws_auth_timeout: float = 5.0
     ws_max_subscriptions: int = 100
     ws_close_timeout: float = 5.0
+    # After SIGTERM: seconds the node answers /readyz 503 while it still serves everything
+    # (and accepts new clients), so load balancers stop sending traffic before it stops
+    # listening; then it drains and exits. 0: drain at once.
+    shutdown_delay: float = 5.0
     log_format: str = "json"
     log_level: str = "INFO"
     # Set by ``serve`` when no secret or key is configured: tokens are minted with a
@@ -73,6 +77,8 @@ class Settings:
                      "ws_auth_timeout", "ws_close_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.shutdown_delay < 0:
+            raise ValueError("shutdown_delay must be 0 or more")
         if self.log_format not in ("json", "text"):
             raise ValueError("log_format must be json or text")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -12,6 +12,9 @@ import jwt
 
 from tests.processes import ROOT, free_port, http, run_cli, serve
 
+# No load balancer in front of these nodes: teardown need not wait (see test_shutdown.py).
+NO_DELAY = {"GATEWAY_SHUTDOWN_DELAY": "0"}
+
 
 def test_token_prints_a_jwt_with_the_claims():
     result = run_cli("token", "--sub", "u1", "--org", "o1", "--workspace", "w1",
@@ -50,7 +53,7 @@ def test_serve_refuses_a_bad_setting():
 
 
 def test_dev_mode_prints_a_working_token_and_examples():
-    with serve() as (process, port):
+    with serve(env=NO_DELAY) as (process, port):
         assert process.stderr is not None
         banner = ""
         deadline = time.monotonic() + 10
@@ -70,7 +73,7 @@ def test_dev_mode_prints_a_working_token_and_examples():
 
 def test_configured_serve_from_environment_variables():
     secret = "c" * 40
-    with serve(env={"GATEWAY_JWT_SECRET": secret}) as (process, port):
+    with serve(env={"GATEWAY_JWT_SECRET": secret, **NO_DELAY}) as (process, port):
         token = run_cli("token", "--sub", "u1", "--org", "o1", "--workspace", "w1",
                         "--jwt-secret", secret).stdout.strip()
         status, _ = http("POST", f"http://127.0.0.1:{port}/v1/orgs/o1/workspaces/w1/sync/presence/join",
@@ -124,3 +127,57 @@ def test_every_setting_reads_its_environment_variable_and_flags_win():
     assert settings.port == 9002
     assert settings.allowed_origins == ("https://a.example", "https://b.example")
     assert settings.redis_url == "redis://127.0.0.1:1/0"
+
+
+def _without_secrets() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items()
+            if key not in ("GATEWAY_JWT_SECRET", "GATEWAY_JWT_PUBLIC_KEY_FILE", "GATEWAY_DEV",
+                           "GATEWAY_HOST")}
+
+
+def _serve_without_secret(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    # A Redis URL no node can use: a serve that gets past the dev-mode check stops there,
+    # before it listens anywhere.
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(free_port()),
+         "--redis-url", "nowhere://", *args],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, env={**_without_secrets(), **(env or {})})
+
+
+def test_dev_mode_refuses_to_listen_beyond_loopback():
+    """An image sets GATEWAY_HOST=0.0.0.0: started without a secret it must not hand every
+    network a printed 12-hour token for every workspace."""
+    cases = [(["--host", "0.0.0.0"], {}), ([], {"GATEWAY_HOST": "0.0.0.0"}), (["--host", "::"], {}),
+             (["--host", "gateway.example"], {})]
+    for args, env in cases:
+        result = _serve_without_secret(*args, env=env)
+        assert result.returncode == 2, (args, env, result.stderr[-500:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith("serve: ")
+        for what in ("GATEWAY_JWT_SECRET", "--host 127.0.0.1", "--dev"):
+            assert what in lines[0], lines[0]
+        assert "export TOKEN" not in result.stderr and "DEV MODE" not in result.stderr
+
+
+def test_dev_mode_beyond_loopback_when_asked_for_and_on_any_loopback_address():
+    asked = [(["--host", "0.0.0.0", "--dev"], {}), ([], {"GATEWAY_HOST": "0.0.0.0", "GATEWAY_DEV": "1"})]
+    loopback = [(["--host", host], {}) for host in ("127.0.0.2", "::1", "localhost")]
+    for args, env in asked + loopback:
+        result = _serve_without_secret(*args, env=env)
+        assert "DEV MODE" in result.stderr, (args, env, result.stderr[-500:])
+        # Past the check: stopped by the unusable Redis URL, not by dev mode.
+        assert result.returncode == 2 and "unsupported Redis URL" in result.stderr, result.stderr[-500:]
+        assert "--dev" not in result.stderr.splitlines()[-1]
+
+
+def test_a_secret_needs_no_opt_in_beyond_loopback():
+    result = _serve_without_secret("--host", "0.0.0.0", env={"GATEWAY_JWT_SECRET": "k" * 40})
+    assert result.returncode == 2 and "unsupported Redis URL" in result.stderr, result.stderr[-500:]
+    assert "DEV MODE" not in result.stderr
+
+
+def test_serve_refuses_a_negative_shutdown_delay():
+    result = run_cli("serve", "--shutdown-delay", "-1")
+    assert result.returncode == 2
+    assert "shutdown_delay" in result.stderr

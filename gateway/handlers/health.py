@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from gateway.broker import BackendUnavailable
 from gateway.handlers.common import gateway_of, json_response
 from protocol.errors import ApiError
+
+# Set when the node is leaving (SIGTERM): not ready for new clients, while it still serves
+# everything until it drains.
+LEAVING = web.AppKey("leaving", asyncio.Event)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -15,9 +21,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready for new clients: the backend answers and the node is not draining."""
+    """Ready for new clients: the backend answers and the node is neither leaving nor draining."""
     gateway = gateway_of(request)
-    if gateway.draining:
+    if gateway.draining or request.app[LEAVING].is_set():
         raise ApiError("SERVICE_UNAVAILABLE", {"reason": "draining"})
     try:
         await gateway.broker.ping()
