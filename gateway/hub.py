@@ -347,7 +347,8 @@ class Replay:
         outbox.holding = True
 
     async def start(self) -> Replay:
-        """Read the first page (so ``reset`` is known before anything is sent)."""
+        """Read the first event (so ``reset`` is known before anything is sent; only one:
+        a socket may start many replays before it reads any)."""
         if self._since is None:
             self._first = [self._snapshot]
             return self
@@ -356,7 +357,7 @@ class Replay:
         except ValueError:
             self._first = self._reset(self._snapshot)
             return self
-        self._first = await self._page(retry=False)
+        self._first = await self._page(retry=False, limit=1)
         return self
 
     def _reset(self, snapshot: Envelope) -> list[Envelope]:
@@ -370,20 +371,20 @@ class Replay:
         )
         return [reset, snapshot]
 
-    async def _page(self, *, retry: bool = True) -> list[Envelope]:
+    async def _page(self, *, retry: bool = True, limit: int = REPLAY_PAGE) -> list[Envelope]:
         """The next page up to ``_until`` (to the log's end once it is None)."""
         assert self.cursor is not None
         if self.cursor == self._until:
             self._more = False
             return []
         try:
-            page = await self._read(self.cursor, retry)
+            page = await self._read(self.cursor, retry, limit)
         except HistoryGone:
             if self._until is None:  # live events were dropped: start over from now
                 self._outbox.drop()
                 return self._reset(self._feed.snapshot_envelope())
             return self._reset(self._snapshot)
-        self._more = len(page) >= REPLAY_PAGE
+        self._more = len(page) >= limit
         kept = page if self._until is None else [e for e in page if not is_after(e, self._until)]
         if len(kept) < len(page):
             self._more = False
@@ -391,13 +392,13 @@ class Replay:
             self.cursor = EventId.parse(kept[-1].id)
         return kept
 
-    async def _read(self, after: EventId, retry: bool) -> list[Envelope]:
+    async def _read(self, after: EventId, retry: bool, limit: int) -> list[Envelope]:
         """A page of the log; while the backend is unavailable, retried for as long as the
         subscriber is there (it has part of its replay: an error now would help nobody)."""
         backoff = Backoff(0.05, 2.0)
         while True:
             try:
-                return await self._broker.read_after(self._workspace, after, REPLAY_PAGE)
+                return await self._broker.read_after(self._workspace, after, limit)
             except BackendUnavailable:
                 if not retry:
                     raise

@@ -177,3 +177,63 @@ async def test_slow_readers_do_not_grow_the_node_memory(node: tuple[str, int],
     else:  # the control: the same measurement does see memory pinned by slow readers
         assert cut == 0
         assert peak - baseline > GROWTH_LIMIT_MB, (baseline, peak)
+
+
+RESUMED_WORKSPACES = 40
+RESUME_EVENTS = 40  # per workspace; x 60 KiB: ~94 MiB asked for by one socket that never reads
+RESUME_GROWTH_LIMIT_MB = 30  # a page held per replay would be 40 x 32 x 60 KiB = 75 MiB
+
+
+async def test_one_socket_resuming_many_workspaces_holds_one_page() -> None:
+    """On Redis, where a replayed page is new memory (the embedded backend's pages share
+    the retained events)."""
+    import secrets
+
+    from tests.conftest import redis_url
+    from tests.processes import serve
+
+    token = mint_token(SECRET, sub="resumer", org_id=ORG, workspaces="*", ttl=3600)
+    headers = {"Authorization": f"Bearer {token}"}
+    with serve("--jwt-secret", SECRET, "--max-event-bytes", "70000", "--keepalive", "60",
+               "--redis-url", redis_url(), "--redis-key-prefix", f"test-{secrets.token_hex(6)}",
+               "--node-id", f"resume-{secrets.token_hex(3)}",
+               "--log-level", "WARNING") as (process, port):
+        url = f"http://127.0.0.1:{port}"
+        pad = "x" * 60 * 1024
+        async with aiohttp.ClientSession() as session, aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer)
+        ) as slow:
+            starts = {}
+            for n in range(RESUMED_WORKSPACES):
+                base = f"{url}/v1/orgs/{ORG}/workspaces/w{n}/sync"
+                async with session.get(f"{base}/presence", headers=headers) as response:
+                    assert response.status == 200
+                async with session.post(f"{base}/events", headers=headers,
+                                        json={"type": "mark", "data": {}}) as response:
+                    starts[n] = (await response.json())["id"]
+                for i in range(RESUME_EVENTS):
+                    async with session.post(f"{base}/events", headers=headers,
+                                            json={"type": "blob", "data": {"i": i, "pad": pad}}) as r:
+                        assert r.status == 200
+            await asyncio.sleep(0.5)
+            before = rss_mb(process.pid)
+            ws = await slow.ws_connect(f"{url}/v1/sync/ws", headers=headers, max_msg_size=0)
+            for n in range(RESUMED_WORKSPACES):
+                await ws.send_str(JSON.encode({"op": "subscribe", "org_id": ORG,
+                                               "workspace_id": f"w{n}", "since": starts[n],
+                                               "ref": n}).decode())
+            peak = before
+            for _ in range(30):  # 3 s: every replay has started (and stalls on the socket)
+                await asyncio.sleep(0.1)
+                peak = max(peak, rss_mb(process.pid))
+            print(f"\none socket resuming {RESUMED_WORKSPACES} workspaces: RSS {before:.0f} -> "
+                  f"peak {peak:.0f} MB")
+            assert peak - before < RESUME_GROWTH_LIMIT_MB, (before, peak)
+            # Nothing is lost by the pacing: the client reads, and gets every event.
+            got = 0
+            async with asyncio.timeout(60):
+                while got < RESUMED_WORKSPACES * RESUME_EVENTS:
+                    message = await ws.receive()
+                    assert message.type == aiohttp.WSMsgType.TEXT, message
+                    got += JSON.decode(message.data.encode()).get("op") == "event"
+            await ws.close()

@@ -157,6 +157,9 @@ class Connection:
         self._closer: asyncio.Task[None] | None = None
         self._timers: list[asyncio.Task[None]] = []
         self._home: tuple[WorkspaceKey, str | None] | None = None
+        # One replay read at a time per socket: a client resuming many workspaces at once
+        # makes the node hold one page for it, not one per subscription.
+        self.replays = asyncio.Lock()
         self._delivered = gateway.metrics.events_delivered.labels(TRANSPORT)
 
     async def run(self, workspace: WorkspaceKey | None, since: str | None) -> None:
@@ -442,7 +445,7 @@ async def _subscribe(conn: Connection, message: Subscribe) -> Answer:
 async def _replay(conn: Connection, subscription: Subscription, replay: Replay) -> None:
     """Queue the replay at the client's pace (``put``: never an overflow), then go live."""
     try:
-        async with contextlib.aclosing(replay.pages()) as pages:
+        async with conn.replays, contextlib.aclosing(replay.pages()) as pages:
             async for page in pages:
                 for envelope in page:
                     if not await conn.outgoing.put(envelope):
