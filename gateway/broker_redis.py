@@ -370,7 +370,13 @@ class RedisBroker:
         oldest_kept = int(self._clock.now() * 1000) - self._max_age_ms
         if entries and EntryId.parse(text(entries[0][0])).ms < oldest_kept:
             raise HistoryGone(str(after))
-        return self._entries.envelopes(workspace, state.epoch, entries)
+        envelopes = self._entries.envelopes(workspace, state.epoch, entries)
+        if len(entries) >= limit > len(envelopes):
+            # Malformed entries were skipped: read on, so that a short page still means
+            # the end of the log to the caller (a replay stops at a short page).
+            last = EventId(state.epoch, EntryId.parse(text(entries[-1][0])))
+            envelopes += await self.read_after(workspace, last, limit - len(envelopes))
+        return envelopes
 
     def follow(self, workspace: WorkspaceKey, after: EventId, sink: LogSink) -> Following:
         """Deliver the events after ``after`` to ``sink``, then each new one, in order."""

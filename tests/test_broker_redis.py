@@ -162,6 +162,20 @@ async def test_malformed_entries_are_skipped_and_the_feed_goes_on(
     assert len(warnings) == 1  # logged once, not once per entry or per read
 
 
+async def test_a_page_cut_short_by_malformed_entries_is_not_the_end_of_the_log(
+    nodes: Callable[..., Any], raw: Redis, prefix: str
+) -> None:
+    broker = await nodes("node-a")
+    start = (await broker.presence_snapshot(WS)).position
+    first = await broker.append(WS, "doc.updated", actor("svc"), {"n": 1})
+    for _ in range(3):
+        await raw.xadd(f"{prefix}:{{org-1:ws-1}}:log", {"type": "doc.updated"})  # no actor
+    rest = [await broker.append(WS, "doc.updated", actor("svc"), {"n": n}) for n in (2, 3)]
+    # A reader asking for pages of 2 gets full pages while there is more to read.
+    assert await broker.read_after(WS, start, 2) == [first, rest[0]]
+    assert await broker.read_after(WS, EventId.parse(rest[0].id), 2) == [rest[1]]
+
+
 async def test_lost_data_means_history_gone_even_for_newer_looking_ids(
     nodes: Callable[..., Any], raw: Redis, prefix: str, clock: ManualClock
 ) -> None:
