@@ -192,6 +192,33 @@ async def test_a_slow_resume_of_a_busy_workspace_gets_every_event_once_in_order(
         await raw.close()
 
 
+async def test_a_slow_sse_resume_of_a_busy_workspace_gets_every_event_once_in_order(
+    node: Callable[..., Any], token: Callable[..., str]
+) -> None:
+    client = await node(send_buffer=8)
+    gateway = client.app[GATEWAY]
+    start, ids = await history(gateway, token, 600)
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer)
+    ) as session:
+        response = await session.get(client.make_url(f"{BASE}/stream"),
+                                     headers={**auth(token("reader")), "Last-Event-ID": start})
+        assert response.status == 200
+        await asyncio.sleep(0.5)
+        _, more = await history(gateway, token, 60)  # live, while the replay waits for the client
+        got: list[str] = []
+        async with asyncio.timeout(30):
+            while len(got) < len(ids) + len(more):
+                line = await response.content.readline()
+                assert line, f"cut after {len(got)} events"
+                if line.startswith(b"event: sync."):
+                    raise AssertionError(line)
+                if line.startswith(b"id: "):
+                    got.append(line[4:].decode().strip())
+        assert got == ids + more
+        response.close()
+
+
 async def test_an_sse_stream_stuck_in_a_write_ends_at_the_token_expiry(
     node: Callable[..., Any], token: Callable[..., str], clock: ManualClock,
     monkeypatch: pytest.MonkeyPatch,
