@@ -100,7 +100,7 @@ class Outgoing:
                 return self.closed
             if self._frames:
                 frame = self._frames.popleft()
-                if type(frame) is _Replayed:
+                if isinstance(frame, _Replayed):
                     self._replayed -= 1
                     self._room.set()
                     return frame.frame

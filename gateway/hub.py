@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -406,7 +406,7 @@ class Replay:
                 return []
             await backoff.pause()
 
-    async def pages(self) -> AsyncIterator[list[Envelope]]:
+    async def pages(self) -> AsyncGenerator[list[Envelope], None]:
         try:
             page, self._first = self._first, []
             while page:
