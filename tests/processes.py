@@ -42,12 +42,13 @@ def http(method: str, url: str, token: str | None = None) -> tuple[int, bytes]:
 
 @contextmanager
 def serve(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """A real ``serve`` process on a free port; stopped (by its PID) afterwards."""
+    """A real ``serve`` process on a free port; stopped (by its PID) afterwards. It stops at
+    once on SIGTERM (no ``--shutdown-delay``) unless the test asks for a delay."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--port", str(port), *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "GATEWAY_SHUTDOWN_DELAY": "0", **(env or {})},
     )
     try:
         deadline = time.monotonic() + 20
