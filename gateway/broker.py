@@ -13,6 +13,7 @@ Implementations: ``broker_memory.MemoryBroker`` (one node, in process) and
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -44,6 +45,13 @@ class PresenceOutcome:
     events: tuple[Envelope, ...]
 
 
+def publisher_key(actor: dict[str, Any], idempotency_key: str) -> str:
+    """An idempotency key as a backend keeps it: scoped to its publisher (the actor), so
+    nobody gets another publisher's event back by sending its key."""
+    return json.dumps([actor.get("type"), actor.get("id"), idempotency_key],
+                      separators=(",", ":"), ensure_ascii=True)
+
+
 class Broker(Protocol):
     node_id: str
 
@@ -61,9 +69,10 @@ class Broker(Protocol):
     ) -> Envelope:
         """Append one published event to the workspace log and return it with its id.
 
-        With ``idempotency_key``: if the workspace saw that key within the idempotency TTL,
-        append nothing and return the envelope appended then (atomically: of two concurrent
-        calls with one key, one appends and the other gets its envelope)."""
+        With ``idempotency_key``: if the workspace saw that key from the same publisher
+        (``publisher_key``) within the idempotency TTL, append nothing and return the
+        envelope appended then (atomically: of two concurrent calls with one key, one appends
+        and the other gets its envelope)."""
 
     async def change_presence(
         self, workspace: WorkspaceKey, user_id: str, change: PresenceChange

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.broker import Following, HistoryGone, LogSink, PresenceOutcome, Snapshot
+from gateway.broker import (
+    Following,
+    HistoryGone,
+    LogSink,
+    PresenceOutcome,
+    Snapshot,
+    publisher_key,
+)
 from gateway.clock import Clock, SystemClock
 from gateway.presence import (
     PendingEvent,
@@ -198,11 +205,12 @@ class MemoryBroker:
         now = self._clock.now()
         while log.published and next(iter(log.published.values()))[0] <= now:
             log.published.popitem(last=False)
-        earlier = log.published.get(idempotency_key)
+        key = publisher_key(actor, idempotency_key)
+        earlier = log.published.get(key)
         if earlier is not None:
             return replace(earlier[1])
         envelope = self._append(workspace, log, PendingEvent(event_type, actor, data))
-        log.published[idempotency_key] = (now + self._idempotency_ttl, envelope)
+        log.published[key] = (now + self._idempotency_ttl, envelope)
         self._keep_until(workspace, log, now + self._idempotency_ttl)
         return envelope
 

@@ -44,6 +44,7 @@ from gateway.broker import (
     LogSink,
     PresenceOutcome,
     Snapshot,
+    publisher_key,
 )
 from gateway.clock import Clock, SystemClock
 from gateway.combining import Combiner
@@ -115,9 +116,9 @@ class Keys:
         """The sharded pub/sub channel every append to the log publishes on."""
         return f"{self.workspace(workspace)}:notify"
 
-    def published(self, workspace: WorkspaceKey, idempotency_key: str) -> str:
-        """What the publish with this idempotency key appended (for the key's TTL)."""
-        return f"{self.workspace(workspace)}:published:{idempotency_key}"
+    def published(self, workspace: WorkspaceKey, key: str) -> str:
+        """What the publish with this (``publisher_key``) idempotency key appended."""
+        return f"{self.workspace(workspace)}:published:{key}"
 
     def mark(self, workspace: WorkspaceKey) -> str:
         """The high-water mark: the id of the last entry a node appended."""
@@ -297,7 +298,8 @@ class RedisBroker:
     ) -> Envelope:
         pending = PendingEvent(event_type, actor, data)
         now_ms = int(self._clock.now() * 1000)
-        published = self.keys.published(workspace, idempotency_key or "")
+        published = self.keys.published(
+            workspace, publisher_key(actor, idempotency_key) if idempotency_key is not None else "")
         with self._unavailable():
             result = await self._append(
                 keys=[self.keys.epoch(workspace), self.keys.log(workspace),

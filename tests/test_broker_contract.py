@@ -186,6 +186,17 @@ async def test_an_idempotency_key_belongs_to_its_workspace(broker: Broker) -> No
     assert (here.workspace_id, there.workspace_id) == ("ws-1", "ws-2")
 
 
+async def test_an_idempotency_key_belongs_to_its_publisher(broker: Broker) -> None:
+    start = await start_of_log(broker)
+    mine = await broker.append(WS, "doc.updated", actor("alice"), {"secret": 1}, "key")
+    # Another publisher sending the same key publishes its own event, and learns nothing.
+    theirs = await broker.append(WS, "doc.updated", actor("mallory"), {}, "key")
+    service = await broker.append(WS, "doc.updated", {"type": "service", "id": "alice"}, {}, "key")
+    assert len({mine.id, theirs.id, service.id}) == 3 and theirs.data == {}
+    assert await broker.append(WS, "doc.updated", actor("alice"), {}, "key") == mine
+    assert await broker.read_after(WS, start) == [mine, theirs, service]
+
+
 async def test_an_idempotency_key_is_forgotten_after_its_ttl(
     brokers_with: Callable[..., Any], clock: ManualClock
 ) -> None:
