@@ -1,0 +1,51 @@
+"""A short chaos run (``bench/chaos.py``, docs/chaos.md): three real nodes on one Redis with
+AOF, SSE and WebSocket clients, idempotent publishers, and ~35 s of faults — node SIGKILL,
+SIGSTOP, SIGTERM, Redis restarted with and without its data, clients that vanish mid-replay
+or stop reading. Every promise the checker knows must hold; on failure the assertion shows
+the first violation with its history (node logs stay in the test's tmp_path).
+
+``CHAOS_SEED`` picks another fault schedule (default 11).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench.chaos import Options, Report, run
+
+pytestmark = pytest.mark.multinode
+
+# Open gateway defects this run finds right after Redis loses its data (docs/chaos.md,
+# "Findings"): D1, a resume into the new epoch on a node that has not noticed the loss yet
+# gets sync.reset; D2, concurrent appends while the nodes resync make them give the new
+# epoch yet another one (every client is reset twice). Only these, only within this many
+# seconds of a data loss, make the test xfail; any other violation fails it.
+AFTER_LOSS_KINDS = frozenset({"reset_without_loss", "epoch_without_loss"})
+AFTER_LOSS_WINDOW = 15.0
+
+
+def only_known_defects(report: Report) -> bool:
+    return bool(report.violations) and all(
+        violation.kind in AFTER_LOSS_KINDS
+        and any(0 <= violation.t - wipe <= AFTER_LOSS_WINDOW for wipe in report.wipes)
+        for violation in report.violations)
+
+
+async def test_a_short_chaos_run_keeps_every_promise(tmp_path: Path) -> None:
+    missing = [tool for tool in ("redis-server", "redis-cli") if shutil.which(tool) is None]
+    if missing:
+        if os.environ.get("GATEWAY_TEST_REQUIRE_REDIS"):
+            pytest.fail(f"{' and '.join(missing)} not installed but the multi-node tests are required")
+        pytest.skip(f"{' and '.join(missing)} not installed (scripts/test.sh installs it)")
+    options = Options(duration=35, seed=int(os.environ.get("CHAOS_SEED", "11")))
+    async with asyncio.timeout(240):  # 35 s of faults, then at most ~90 s of settling and checks
+        report, text = await run(options, directory=tmp_path)
+    print(text)
+    if only_known_defects(report):
+        pytest.xfail(f"only the open post-data-loss defects D1/D2 (docs/chaos.md):\n{text}")
+    assert report.ok, text
