@@ -99,7 +99,12 @@ class NodeLiveness:
         heartbeat = Heartbeat(self._node_timeout / 3)
         while True:
             try:
-                step = heartbeat.answered(await self._beat())
+                # Through the guard: a beat that finds its connection dead or on a demoted
+                # primary (READONLY) drops the idle pooled connections, so the next beat
+                # reconnects even on a node whose clients write nothing.
+                with self._guard():
+                    answer = await self._beat()
+                step = heartbeat.answered(answer)
             except self._beat_errors:
                 raise_if_cancelled()
                 step = heartbeat.failed(unavailable=True)

@@ -9,14 +9,15 @@
 Whatever the topology, a node holds a bounded number of connections per Redis primary:
 at most ``max_connections`` for commands (a caller waits up to ``pool_wait`` for one, then
 gets a connection error) plus one per primary for the notifications of the logs it
-follows (``Shard.pubsub``). Credentials in the URL go to redis-py only; ``describe``
-gives a URL safe to log.
+follows (``Shard.pubsub``); with Sentinel, one more to a sentinel, which announces
+failovers. Credentials in the URL go to redis-py only; ``describe`` gives a URL safe to log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -29,10 +30,15 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from gateway.tasks import Backoff, raise_if_cancelled, stop
+
+log = logging.getLogger(__name__)
+
 SCHEMES: Final = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel",
                   "rediss+sentinel")
 DEFAULT_PORT: Final = 6379
 DEFAULT_SENTINEL_PORT: Final = 26379
+SWITCH_CHANNEL: Final = "+switch-master"  # what sentinels publish when they name a new primary
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +97,13 @@ class RedisUrl:
         hosts = ",".join(f"{host}:{port}" for host, port in self.hosts)
         tail = f"/{self.service}/{self.db}" if self.kind == "sentinel" else ""
         return f"redis+{self.kind}://{hosts}{tail}"
+
+
+def _names(announcement: bytes | str, service: str) -> bool:
+    """Whether a ``+switch-master`` message (``<service> <old ip> <old port> <new ip> <new
+    port>``) is about ``service``."""
+    text = announcement.decode(errors="replace") if isinstance(announcement, bytes) else announcement
+    return text.split(" ", 1)[0] == service
 
 
 def _host_port(item: str, default_port: int) -> tuple[str, int]:
@@ -168,6 +181,8 @@ class RedisClients:
         self._pool_wait = pool_wait
         self._shards: dict[str, Shard] = {}
         self._sentinel: Sentinel | None = None
+        self._named: tuple[str, int] | None = None  # the primary the sentinels named last
+        self._watch: asyncio.Task[None] | None = None
         self.commands: Any
         self._common = common
         if self.url.kind == "single":
@@ -208,8 +223,13 @@ class RedisClients:
     async def start(self) -> None:
         if self.is_cluster:
             await self.commands.initialize()
+        elif self._sentinel is not None and self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(
+                self._follow_primary(), name="redis sentinel announcements")
 
     async def close(self) -> None:
+        await stop(self._watch)
+        self._watch = None
         for shard in list(self._shards.values()):
             with contextlib.suppress(Exception):
                 await shard.client.aclose()
@@ -253,6 +273,61 @@ class RedisClients:
         """Learn the cluster's current slots (after a failover or a resharding)."""
         if self.is_cluster:
             await self.commands.nodes_manager.initialize()
+
+    # -- sentinel failovers -------------------------------------------------------
+
+    async def _follow_primary(self) -> None:
+        """Leave a demoted primary as soon as the sentinels name another.
+
+        redis-py asks the sentinels for the primary only when it opens a connection. After a
+        failover that leaves the old primary up (``SENTINEL FAILOVER``, a partition that
+        heals), it keeps taking writes until the sentinels demote it — at their next look,
+        up to 10 s later — and throws them away when it resyncs from the new one. So this
+        listens to the sentinel that discovery asks first (``+switch-master``) and, when the
+        primary it names changes, reconnects everything: idle command connections at once,
+        busy ones when their command is done, the notification connections at once."""
+        assert self._sentinel is not None
+        sentinels = self._sentinel.sentinels
+        backoff = Backoff(0.1, 2.0)
+        while True:
+            sentinel = sentinels[0]
+            pubsub = sentinel.pubsub()
+            try:
+                await pubsub.subscribe(SWITCH_CHANNEL)
+                await self._check_primary()  # a switch made while nobody listened
+                if backoff.recovered():
+                    log.info("listening to the sentinels again")
+                while sentinel is sentinels[0]:  # else discovery asks another one first now
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    raise_if_cancelled()
+                    if message is not None and _names(message["data"], self.url.service):
+                        await self._check_primary()
+            except Exception as exc:
+                raise_if_cancelled()
+                if backoff.failed():
+                    log.warning("cannot listen to the sentinels; retrying with backoff",
+                                extra={"problem": f"{type(exc).__name__}: {str(exc)[:200]}"})
+                if sentinel is sentinels[0] and len(sentinels) > 1:
+                    sentinels.append(sentinels.pop(0))  # try the next one (discovery too)
+                await backoff.pause()
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _check_primary(self) -> None:
+        assert self._sentinel is not None
+        primary = await self._sentinel.discover_master(self.url.service)
+        previous, self._named = self._named, primary
+        if previous is None or primary == previous:
+            return
+        log.warning("the sentinels name a new primary; reconnecting",
+                    extra={"primary": f"{primary[0]}:{primary[1]}"})
+        pool = self.commands.connection_pool
+        await pool.update_active_connections_for_reconnect()
+        await pool.disconnect(inuse_connections=False)
+        for shard in list(self._shards.values()):
+            # Its listener reconnects (through the sentinels) and reads every log again.
+            await shard.client.connection_pool.disconnect()
 
     # -- batches ------------------------------------------------------------------
 

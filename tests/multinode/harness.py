@@ -169,6 +169,23 @@ def _stop_process(proc: subprocess.Popen[bytes] | None, *, sig: int = signal.SIG
         proc.wait(10)
 
 
+def replica_synced(primary: int) -> bool:
+    """The Redis on ``primary`` has one connected replica whose offset has caught up with its own."""
+    info = dict(line.split(":", 1) for line in redis_cli(primary, "info", "replication").splitlines()
+                if ":" in line)
+    if info.get("connected_slaves") != "1":
+        return False
+    offset = int(info["master_repl_offset"])
+    replica = info["slave0"]  # ip=127.0.0.1,port=...,state=online,offset=...,lag=...
+    fields = dict(part.split("=", 1) for part in replica.split(","))
+    return fields.get("state") == "online" and int(fields["offset"]) >= offset
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``check`` (blocking; run it in a thread from a test) until true, or raise."""
+    _wait_until(check, timeout, what)
+
+
 def _crc16(data: bytes) -> int:
     """CRC16-CCITT (XMODEM), the checksum Redis Cluster hashes keys with."""
     crc = 0
@@ -327,6 +344,7 @@ class SentinelServers:
         self.sentinel_ports = picked[2:]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.killed: list[int] = []  # data ports killed by kill_primary()
+        self.replaced: list[int] = []  # data ports that were primary before a failover
         self.detached_at: float | None = None  # time.monotonic() of detach_replica()
         self.started_in: float | None = None
 
@@ -421,15 +439,7 @@ class SentinelServers:
     def replica_synced(self, primary: int | None = None) -> bool:
         """The primary (by default the sentinels' one) has one connected replica whose
         offset has caught up with its own."""
-        primary = self.primary_port() if primary is None else primary
-        info = dict(line.split(":", 1) for line in redis_cli(primary, "info", "replication").splitlines()
-                    if ":" in line)
-        if info.get("connected_slaves") != "1":
-            return False
-        offset = int(info["master_repl_offset"])
-        replica = info["slave0"]  # ip=127.0.0.1,port=...,state=online,offset=...,lag=...
-        fields = dict(part.split("=", 1) for part in replica.split(","))
-        return fields.get("state") == "online" and int(fields["offset"]) >= offset
+        return replica_synced(self.primary_port() if primary is None else primary)
 
     def wait_replica_synced(self, timeout: float = 10.0) -> None:
         _wait_until(self.replica_synced, timeout, "replica caught up", self.logs)
@@ -452,13 +462,22 @@ class SentinelServers:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         self.killed.append(port)
+        self.replaced.append(port)
+        return port
+
+    def failover(self) -> int:
+        """A graceful failover (``SENTINEL FAILOVER``): the sentinels promote the replica and
+        turn the old primary, which stays up, into a replica; its port."""
+        port = self.primary_port()
+        redis_cli(self.sentinel_ports[0], "sentinel", "failover", self.service)
+        self.replaced.append(port)
         return port
 
     def wait_failover(self, timeout: float = 20.0) -> int:
-        """Until every sentinel names a primary other than the killed one, and that server's
-        ``ROLE`` is master; its port."""
-        assert self.killed, "kill_primary() first"
-        old = self.killed[-1]
+        """Until every sentinel names a primary other than the one killed or failed over from
+        last, and that server's ``ROLE`` is master; its port."""
+        assert self.replaced, "kill_primary() or failover() first"
+        old = self.replaced[-1]
         result: list[int] = []
 
         def promoted() -> bool:
@@ -477,6 +496,63 @@ class SentinelServers:
     def stop(self) -> None:
         for port in [*self.sentinel_ports, *self.data_ports]:
             _stop_process(self.procs.get(port))
+
+
+class Endpoint:
+    """A loopback address that stands for "the primary", as a DNS name or a virtual IP of a
+    managed Redis does: each new connection goes to the server on ``target``; connections
+    already open stay with the server they reached (moving the address does not close them)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def __aenter__(self) -> Endpoint:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.wait_for(asyncio.gather(*self._pipes, return_exceptions=True), 5)
+        await asyncio.wait_for(self._server.wait_closed(), 5)
+        self._server = None
+
+    def stop(self) -> None:
+        """(A deployment's stop: the servers behind it are stopped on their own.)"""
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", self.target), 2)
+        except (OSError, TimeoutError):
+            writer.close()
+            return
+        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
+            task = asyncio.create_task(self._pipe(source, sink))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except OSError:
+            pass
+        finally:
+            sink.close()
 
 
 @dataclass
