@@ -380,21 +380,22 @@ class JournalCheck:
         self.open(pos)
 
     def justify(self, reset: Entry, snapshot: Pos) -> None:
-        """A reset is owed only where history was really lost: a new epoch, after a wipe."""
+        """A reset is owed only where history was really lost: the client's epoch was wiped
+        after it was first seen. (A node that has not noticed the loss yet may reset it to a
+        snapshot of the lost epoch; the next reset, into the new one, is owed as well.)"""
         old = self.pos
         if old is None:
             self.flag(reset.t, "reset_without_loss", "sync.reset before any position", reset.id)
             return
-        wiped = any(self.known.epoch_seen.get(old.epoch, 0.0) <= wipe <= reset.t for wipe in self.wipes)
-        if snapshot.epoch != old.epoch and wiped:
+        if any(self.known.epoch_seen.get(old.epoch, 0.0) <= wipe <= reset.t for wipe in self.wipes):
             self.tally.justified_resets += 1
             return
         before = [wipe for wipe in self.wipes if wipe <= reset.t]
         since_loss = f"; {reset.t - before[-1]:.1f} s after the Redis data loss at t={before[-1]:.1f}" if before else ""
         self.flag(reset.t, "reset_without_loss",
-                  f"sync.reset ({reset.note}) from {old} to {snapshot}, although no history was lost "
-                  f"({'same epoch' if snapshot.epoch == old.epoch else 'no data loss injected since that epoch'}"
-                  f"{since_loss})", reset.id)
+                  f"sync.reset ({reset.note}) from {old} to {snapshot}, although epoch {old.epoch} lost "
+                  f"nothing ({'same epoch' if snapshot.epoch == old.epoch else 'a new epoch'}{since_loss})",
+                  reset.id)
 
     def event(self, entry: Entry, pos: Pos) -> None:
         if self.pending_reset is not None:
@@ -1646,8 +1647,9 @@ def render(report: Report, recorder: Recorder) -> str:
                                for node, kib in sorted(rss.items())),
         f"checker event loop: max lag {report.loop_lag_max:.2f} s",
         f"violations: {len(report.violations)}"
-        + (" (" + ", ".join(f"{k} {n}" for k, n in Counter(v.kind for v in report.violations).items()) + ")"
-           if report.violations else ""),
+        + (" (" + ", ".join(f"{k} {n}" for k, n in Counter(v.kind for v in report.violations).items())
+           + f"; {sum(any(0 <= v.t - w <= 15 for w in report.wipes) for v in report.violations)} of them "
+           "within 15 s after a Redis data loss)" if report.violations else ""),
     ]
     if report.violations:
         first = report.violations[0]
@@ -1723,7 +1725,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 async def _main(options: Options) -> int:
     task = asyncio.current_task()
     assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    # Both stop the run the same way: cancelled, every process it started stopped. (SIGINT
+    # too: a shell starts background jobs with it ignored, so Python would not see Ctrl-C.)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     report, text = await run(options)
     print(text, flush=True)
     return 0 if report.ok else 1

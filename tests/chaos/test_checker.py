@@ -118,6 +118,19 @@ def test_a_reset_after_data_loss_excuses_what_was_lost_but_not_more() -> None:
     assert kinds(recorder, ends, logs) == ["stale_epoch"]
 
 
+def test_a_reset_to_a_stale_snapshot_of_the_lost_epoch_is_owed_too() -> None:
+    recorder = Recorder()
+    ack(recorder, "k1", "E1:1-0")
+    ack(recorder, "k2", "E2:7-0", t=6.0)
+    recorder.fault(Fault(2.5, 3.0, "redis_wipe", "redis"))
+    # A node still in E1 resets the client to its (lost) position; its resync then resets
+    # it into E2. Both resets come after the data loss of the epoch the client stood in.
+    deliveries(recorder, "c", ("sync.snapshot", "E1:0-0"), (EVENT_TYPE, "E1:1-0"), ("sync.reset", "E1:1-0"),
+               ("sync.snapshot", "E1:1-0"), ("sync.reset", "E2:6-0"), ("sync.snapshot", "E2:6-0"),
+               (EVENT_TYPE, "E2:7-0"))
+    assert kinds(recorder, {WS: End(9, "E2", Pos.parse("E2:7-0"))}, {WS: [("E2:7-0", EVENT_TYPE, "k2")]}) == []
+
+
 def test_a_reset_where_nothing_was_lost_is_flagged() -> None:
     recorder = Recorder()
     for n in (1, 2, 3):
@@ -131,6 +144,15 @@ def test_a_reset_where_nothing_was_lost_is_flagged() -> None:
     deliveries(recorder, "c", ("sync.snapshot", "E1:0-0"), (EVENT_TYPE, "E1:1-0"), ("sync.reset", "E2:3-0"),
                ("sync.snapshot", "E2:3-0"))
     assert kinds(recorder) == ["epoch_without_loss", "reset_without_loss"]
+    # After a data loss, a client already in the new epoch must not be reset again.
+    recorder = Recorder()
+    ack(recorder, "k1", "E2:5-0", t=0.8)
+    recorder.fault(Fault(0.1, 0.2, "redis_wipe", "redis"))  # E1 lost; E2 first seen at t=0.5
+    deliveries(recorder, "c", (EVENT_TYPE, "E2:5-0"), ("sync.reset", "E3:6-0"), ("sync.snapshot", "E3:6-0"),
+               role="transient", since="E2:4-0")
+    assert kinds(recorder, None, {WS: []}) == ["reset_without_loss"]
+    recorder.fault(Fault(1.5, 1.6, "redis_wipe", "redis"))  # with E2 lost too, the reset is owed
+    assert kinds(recorder, None, {WS: []}) == []
 
 
 def test_a_key_appended_twice_is_flagged_unless_data_loss_forgot_it() -> None:
