@@ -275,8 +275,15 @@ class RedisBroker:
         await self._clients.close()
 
     async def ping(self) -> None:
+        """Reachable and writable: a server demoted to a replica answers PING but refuses
+        every write, so a node still pointed at one must not report itself ready."""
         with self._unavailable():
-            await asyncio.wait_for(self._redis.ping(), 2.0)
+            if self._clients.is_cluster:  # the cluster client sends writes to primaries
+                await asyncio.wait_for(self._redis.ping(), 2.0)
+                return
+            role = await asyncio.wait_for(self._redis.execute_command("ROLE"), 2.0)
+            if text(role[0]) != "master":
+                raise ReadOnlyError(f"the Redis this node writes to is a {text(role[0])}")
 
     def on_reassert(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Call ``callback`` whenever this node's bindings in Redis may have been lost."""

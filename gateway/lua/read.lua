@@ -24,9 +24,10 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   if not epoch and ARGV[4] ~= '' then
     epoch = ARGV[4]
     redis.call('SET', KEYS[1], epoch)
-  elseif epoch then
+  elseif epoch and redis.call('PTTL', KEYS[1]) > 0 then
     -- An epoch made by a read before the log existed lasts as long as the log from now
-    -- on (a log written only by plain XADDs never gets a gateway append to do it).
+    -- on (a log written only by plain XADDs never gets a gateway append to do it). Only
+    -- then is a read a write: reads go on against a read-only (demoted) server.
     redis.call('PERSIST', KEYS[1])
   end
   local info = redis.call('XINFO', 'STREAM', KEYS[2])

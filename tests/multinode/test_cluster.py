@@ -15,6 +15,7 @@ import asyncio
 import functools
 import signal
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -31,6 +32,7 @@ from tests.multinode.harness import (
     call,
     eventually,
     members,
+    redis_cli,
 )
 
 pytestmark = pytest.mark.multinode
@@ -257,6 +259,36 @@ async def test_a_paused_node_is_reaped_then_re_asserts_what_is_still_live(
     await ws.close()
     await u1_stream.close()
     await watcher.close()
+
+
+async def test_a_node_whose_redis_is_demoted_to_a_replica_is_not_ready(
+    spawn: Spawner, session: aiohttp.ClientSession
+) -> None:
+    """A plain redis:// URL naming a server that becomes a replica: PING still answers, every
+    write is refused. The node says so on /readyz, so the load balancer sends traffic
+    elsewhere, and is ready again once the server is a primary again."""
+    redis, other = spawn.redis(), spawn.redis()
+    [a] = await spawn.start(redis, "node-a")
+
+    async def ready() -> int:
+        async with session.get(f"{a.url}/readyz") as response:
+            return response.status
+
+    assert await ready() == 200
+    redis_cli(redis.port, "REPLICAOF", "127.0.0.1", str(other.port))
+    await eventually(lambda: _is(ready, 503), 5)
+    status, body = await call(session, "POST", f"{a.url}{BASE}/events", "svc",
+                              json={"type": "doc.updated", "data": {}})
+    assert (status, body["error"]) == (503, "SERVICE_UNAVAILABLE")
+    redis_cli(redis.port, "REPLICAOF", "NO", "ONE")
+    await eventually(lambda: _is(ready, 200), 5)
+    status, _ = await call(session, "POST", f"{a.url}{BASE}/events", "svc",
+                           json={"type": "doc.updated", "data": {}})
+    assert status == 200
+
+
+async def _is(check: Callable[[], Awaitable[int]], expected: int) -> bool:
+    return await check() == expected
 
 
 async def test_sigterm_drains_without_presence_flicker(
