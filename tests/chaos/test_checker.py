@@ -185,8 +185,8 @@ def test_presence_ghosts_missing_members_and_silent_nodes() -> None:
 
 
 def test_memory_over_the_cap_or_growing() -> None:
-    steady = [RssSample(float(t), "node-a", 1, 70_000) for t in range(120)]
-    assert check_memory(steady, 512, 96) == []
+    steady = [RssSample(float(t), "node-a", 1 + t // 30, 70_000 + 30_000 * (t % 30 == 5)) for t in range(120)]
+    assert check_memory(steady, 512, 96) == []  # restarted every 30 s, a peak in each life
     growing = [RssSample(float(t), "node-a", 1, 70_000 + t * 4_000) for t in range(120)]
     assert [v.kind for v in check_memory(growing, 512, 96)] == ["rss_over_cap", "rss_growth"]
     assert all(isinstance(v, Violation) for v in check_memory(growing, 512, 96))
