@@ -145,7 +145,8 @@ class LogKeys(Protocol):
 class _Follower:
     """One sink following one workspace log."""
 
-    __slots__ = ("_reader", "closed", "consumed", "cursor", "epoch", "paused", "sink", "workspace")
+    __slots__ = ("_reader", "closed", "consumed", "cursor", "epoch", "moves", "paused", "sink",
+                 "workspace")
 
     def __init__(self, reader: LogReader, workspace: WorkspaceKey, after: EventId,
                  sink: LogSink) -> None:
@@ -157,10 +158,12 @@ class _Follower:
         self.consumed: int | None = 0 if after.entry == ZERO else None
         self.paused = False
         self.closed = False
+        self.moves = 0  # a read issued before a move answers about another position
 
     def move_to(self, position: EventId) -> None:
         if self.closed:
             return
+        self.moves += 1
         self.epoch, self.cursor = position.epoch, position.entry
         self.consumed = 0 if position.entry == ZERO else None
         self.paused = False
@@ -430,6 +433,7 @@ class LogReader:
     async def _read_batch(self, batch: list[_Follower]) -> list[_Follower]:
         """Read each follower's log after its cursor; returns those to read again later."""
         calls = []
+        moves = [follower.moves for follower in batch]
         for follower in batch:
             cursor = str(follower.cursor)
             calls.append((
@@ -439,8 +443,10 @@ class LogReader:
             ))
         results = await self._clients.run_scripts(self._read, calls)
         retry = []
-        for follower, result in zip(batch, results, strict=True):
-            if follower.closed or follower.paused:
+        for follower, result, moved in zip(batch, results, moves, strict=True):
+            if follower.closed or follower.paused or follower.moves != moved:
+                # (A follower moved since is marked for a read at its new position: this
+                # answer, about the old one, would look like lost writes or a gap.)
                 continue
             if isinstance(result, self._unavailable):
                 retry.append(follower)
