@@ -125,6 +125,9 @@ class Following(Protocol):
     def move_to(self, position: EventId) -> None:
         """Deliver again, from ``position`` (of a fresh snapshot, after ``history_gone``)."""
 
+    def check(self) -> None:
+        """Read the log soon, notified or not (a client showed an id of a newer epoch)."""
+
     def close(self) -> None: ...
 
 

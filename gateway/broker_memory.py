@@ -70,6 +70,9 @@ class _Follower:
         self.cursor, self.live = position, False
         asyncio.get_running_loop().call_soon(self._broker._catch_up, self)
 
+    def check(self) -> None:
+        """Nothing to do: appends are delivered as they happen."""
+
     def close(self) -> None:
         self.closed = True
         self.log.followers.discard(self)

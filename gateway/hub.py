@@ -173,6 +173,7 @@ class Feed:
         self._broker = broker
         self._outboxes: set[Outbox] = set()
         self._waiters: list[tuple[EventId, asyncio.Future[None]]] = []
+        self._resynced: list[asyncio.Future[None]] = []
         # Idle until something attaches: a feed made for a presence read is reaped too.
         self.idle_since: float | None = asyncio.get_running_loop().time()
         self._resyncing: asyncio.Task[None] | None = None
@@ -211,6 +212,19 @@ class Feed:
         self._waiters.append((target, waiter))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(waiter), APPLY_WAIT_SECONDS)
+
+    async def reach_epoch(self, epoch: str) -> None:
+        """Return once the replica is in ``epoch`` (a client's id showed the log has it),
+        having asked the backend to read the log now (callers bound the wait)."""
+        self._following.check()
+        while self.replica.position.epoch != epoch:
+            resynced: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._resynced.append(resynced)
+            try:
+                await resynced
+            finally:  # given up (timed out): not kept until the next resync
+                if resynced in self._resynced:
+                    self._resynced.remove(resynced)
 
     def _wake_waiters(self) -> None:
         position = self.replica.position
@@ -254,6 +268,10 @@ class Feed:
         for outbox in tuple(self._outboxes):
             outbox.offer(resync)
         self._wake_waiters()
+        resynced, self._resynced = self._resynced, []
+        for waiter in resynced:
+            if not waiter.done():
+                waiter.set_result(None)
         self._following.move_to(snapshot.position)
 
     async def close(self) -> None:
@@ -320,6 +338,9 @@ class Hub:
 
 
 REPLAY_PAGE: Final = 32  # events: at most 32 x 64 KiB held for a client that does not read
+# How long a resume with an id of a newer epoch than this node's feed waits for the feed to
+# resync (it lags a data loss by its notification connection's reconnection, at most).
+CATCH_UP_SECONDS: Final = 3.0
 
 
 class Replay:
@@ -357,8 +378,37 @@ class Replay:
         except ValueError:
             self._first = self._reset(self._snapshot)
             return self
+        if self.cursor.epoch != self._snapshot_epoch:
+            await self._catch_up_with(self.cursor)
         self._first = await self._page(retry=False, limit=1)
         return self
+
+    @property
+    def _snapshot_epoch(self) -> str:
+        return EventId.parse(self._snapshot.id).epoch
+
+    @property
+    def snapshot(self) -> Envelope:
+        """The snapshot the replay leads to (live events follow its position)."""
+        return self._snapshot
+
+    async def _catch_up_with(self, since: EventId) -> None:
+        """``since`` is of another epoch than this node's feed. If the log has it, the feed
+        has not yet seen the log's new epoch (a data loss moments ago): let it catch up, and
+        lead the replay to its fresh snapshot, rather than reset a client that missed
+        nothing (then reset it again when the feed resyncs)."""
+        try:
+            await self._broker.read_after(self._workspace, since, 1)
+        except HistoryGone:
+            return  # gone indeed: sync.reset
+        try:
+            async with asyncio.timeout(CATCH_UP_SECONDS):
+                await self._feed.reach_epoch(since.epoch)
+        except TimeoutError:
+            return  # the feed is stuck: the resume is reset, and is never wrong
+        self._outbox.drop()  # live events of the old epoch, and the feed's Resync
+        self._snapshot = self._feed.snapshot_envelope()
+        self._until = EventId.parse(self._snapshot.id)
 
     def _reset(self, snapshot: Envelope) -> list[Envelope]:
         self.reset, self._more = True, False

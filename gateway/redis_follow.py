@@ -169,6 +169,9 @@ class _Follower:
         self.paused = False
         self._reader.mark(self)
 
+    def check(self) -> None:
+        self._reader.mark(self)
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True

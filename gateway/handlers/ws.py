@@ -434,7 +434,7 @@ async def _subscribe(conn: Connection, message: Subscribe) -> Answer:
         raise
     resumed = message.since is not None and not replay.reset
     conn.answer(reply_message(message.ref, _workspace_data(
-        workspace, subscribed=True, resumed=resumed, snapshot=snapshot.to_dict())))
+        workspace, subscribed=True, resumed=resumed, snapshot=replay.snapshot.to_dict())))
     # Written while the socket goes on reading: a ping, an unsubscribe or the client's
     # disappearance is noticed at once, however long the replay.
     subscription.replaying = asyncio.create_task(
