@@ -22,17 +22,11 @@ from gateway.handlers import sse
 from gateway.handlers.common import GATEWAY
 from protocol.envelope import WorkspaceKey
 from tests.conftest import BACKENDS, BASE, ORG, WORKSPACE, auth, make_broker, with_settings
+from tests.test_ws_memory import small_receive_buffer
 
 HERE = WorkspaceKey(ORG, WORKSPACE)
 PAD = "x" * 16_384  # big events: a client that does not read blocks the node's writes soon
 WS = "/v1/sync/ws"
-
-
-def small_receive_buffer(addr_info: Any) -> socket.socket:
-    family, kind, proto, _, _ = addr_info
-    sock = socket.socket(family=family, type=kind, proto=proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    return sock
 
 
 def gauge(gateway: Gateway, name: str, transport: str) -> float:
