@@ -298,7 +298,7 @@ async def test_subscription_churn_leaves_nothing_per_workspace_behind(
     try:
         for n in range(50):
             await raw.send(op="subscribe", org_id=ORG, workspace_id=f"w{n}", ref=n)
-            await history(gateway, token, 1, WorkspaceKey(ORG, f"w{n}"))
+            await history(gateway, token, 5, WorkspaceKey(ORG, f"w{n}"))  # in flight
             await raw.send(op="unsubscribe", org_id=ORG, workspace_id=f"w{n}", ref=1000 + n)
         seen = 0
         while seen < 50:

@@ -276,7 +276,9 @@ class Connection:
             data = self._event_bytes(frame)
             if data is None:
                 return
-            self.sent[frame.workspace] = frame.id  # the frame is written before any await
+            workspace = frame.workspace
+            if workspace in self.subscriptions:  # (not a frame queued before an unsubscribe)
+                self.sent[workspace] = frame.id  # the frame is written before any await
             self._delivered.inc()
         else:
             data = frame
