@@ -42,12 +42,9 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import ctypes
 import json
-import multiprocessing
 import os
 import re
-import resource
 import shutil
 import signal
 import statistics
@@ -68,10 +65,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_scale import (  # the helpers of the other benchmarks, reused as they are
+    Pool,
     RedisProc,
     cpu_seconds,
+    die_with_parent,
     free_port,
     masked_frame,
+    node_preexec,
     own_cpu,
     raise_nofile,
     rss_kib,
@@ -90,19 +90,6 @@ CLIENT_BOUND = 80.0  # % of one core: above it a receiver process may be what li
 # position of its id ("<epoch>:<ms>-<seq>") and the publisher's fields in its data.
 ID_RE = re.compile(rb'"id":"[^":]*:(\d+)-(\d+)"')
 DATA_RE = re.compile(rb'"i":\s*(\d+),\s*"t":\s*([0-9.eE+-]+),\s*"n":\s*(\d+),\s*"p":\s*(\d+)')
-
-
-def die_with_parent() -> None:
-    """SIGKILL the calling process when the benchmark dies, even by SIGKILL (Linux)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def server_preexec() -> None:
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    die_with_parent()
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -587,47 +574,11 @@ def worker_main(conn: Connection, nofile: int) -> None:
     asyncio.run(Worker().serve(conn))
 
 
-class Workers:
-    """The parent's side: process 0 publishes (and holds the probes), 1..N hold receivers."""
+class Workers(Pool):
+    """Process 0 publishes (and holds the probes), 1..N hold receivers."""
 
     def __init__(self, procs: int, nofile: int) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.pipes: list[Connection] = []
-        self.procs: list[Any] = []
-        for _ in range(procs):
-            parent_end, child_end = context.Pipe()
-            proc = context.Process(target=worker_main, args=(child_end, nofile), daemon=True)
-            proc.start()
-            child_end.close()
-            self.pipes.append(parent_end)
-            self.procs.append(proc)
-
-    @property
-    def pids(self) -> list[int]:
-        return [proc.pid for proc in self.procs]
-
-    async def ask(self, messages: dict[int, tuple[Any, ...]], timeout: float) -> dict[int, Any]:
-        for index, message in messages.items():
-            self.pipes[index].send(message)
-        answers: dict[int, Any] = {}
-        deadline = time.monotonic() + timeout
-        while len(answers) < len(messages):
-            for index in messages:
-                if index not in answers and self.pipes[index].poll(0):
-                    answers[index] = self.pipes[index].recv()
-            if len(answers) < len(messages):
-                if time.monotonic() > deadline:
-                    first = next(iter(messages.values()))[0]
-                    raise TimeoutError(f"client processes did not answer {first!r} in {timeout:.0f}s")
-                await asyncio.sleep(0.01)
-        for answer in answers.values():
-            if isinstance(answer, dict) and "error" in answer:
-                raise RuntimeError(f"client process failed:\n{answer['error']}")
-        return answers
-
-    async def all(self, *message: Any, timeout: float = 30.0) -> list[Any]:
-        answers = await self.ask(dict.fromkeys(range(len(self.pipes)), message), timeout)
-        return [answers[i] for i in range(len(self.pipes))]
+        super().__init__(procs, worker_main, nofile)
 
     async def open(self, group: str, shares: dict[int, list[Any]], concurrency: int,
                    each_timeout: float, budget: float) -> dict[str, Any]:
@@ -655,17 +606,6 @@ class Workers:
         total["last"] = max(lasts) if lasts else None
         total["cpu"] = {i: a["cpu"] for i, a in answers.items()}
         return total
-
-    def shutdown(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError, ValueError):
-                pipe.send(("exit",))
-        deadline = time.monotonic() + 10
-        for proc in self.procs:
-            proc.join(max(0.1, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()  # by its own PID
-                proc.join(5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,7 +646,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=env, stdout=log, stderr=log,
-                                         preexec_fn=server_preexec)
+                                         preexec_fn=node_preexec)
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         import aiohttp

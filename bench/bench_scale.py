@@ -43,6 +43,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -85,17 +86,17 @@ def raise_nofile(want: int) -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """preexec_fn: SIGKILL this child when the benchmark dies, even by SIGKILL (Linux)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _node_preexec() -> None:  # soft RLIMIT_NOFILE = hard, and die with the benchmark
+def node_preexec() -> None:  # soft RLIMIT_NOFILE = hard, and die with the benchmark
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    _die_with_parent()
+    die_with_parent()
 
 
 def rss_kib(pid: int) -> int | None:
@@ -525,51 +526,77 @@ def client_main(conn: Connection, nofile: int) -> None:
     asyncio.run(ClientProcess().serve(conn))
 
 
-class Clients:
-    """The parent's side: ``procs`` client processes, each owning a share of the sockets."""
+class Pool:
+    """The parent's side of ``procs`` worker processes (``target(conn, nofile)``), each
+    answering one message at a time on its pipe; stopped by ``shutdown`` (by their PIDs)."""
 
-    def __init__(self, procs: int, nofile: int) -> None:
+    def __init__(self, procs: int, target: Callable[[Connection, int], None], nofile: int) -> None:
         context = multiprocessing.get_context("spawn")
         self.pipes: list[Connection] = []
         self.procs: list[Any] = []
         for _ in range(procs):
             parent_end, child_end = context.Pipe()
-            proc = context.Process(target=client_main, args=(child_end, nofile), daemon=True)
+            proc = context.Process(target=target, args=(child_end, nofile), daemon=True)
             proc.start()
             child_end.close()
             self.pipes.append(parent_end)
             self.procs.append(proc)
 
-    async def ask(self, messages: list[tuple[Any, ...]], timeout: float) -> list[dict[str, Any]]:
-        for pipe, message in zip(self.pipes, messages, strict=True):
-            pipe.send(message)
-        answers: list[dict[str, Any] | None] = [None] * len(self.pipes)
-        deadline = time.monotonic() + timeout
-        while any(answer is None for answer in answers):
-            for i, pipe in enumerate(self.pipes):
-                if answers[i] is None and pipe.poll(0):
-                    answers[i] = pipe.recv()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"client processes did not answer {messages[0][0]!r} "
-                                   f"within {timeout:.0f}s")
-            if any(answer is None for answer in answers):
-                await asyncio.sleep(0.02)
-        for answer in answers:
-            if answer and "error" in answer:
-                raise RuntimeError(f"client process failed:\n{answer['error']}")
-        return [answer or {} for answer in answers]
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self.procs]
 
-    async def all(self, *message: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
-        return await self.ask([message] * len(self.pipes), timeout)
+    async def ask(self, messages: dict[int, tuple[Any, ...]], timeout: float) -> dict[int, Any]:
+        """Send each process (by index) its message; their answers (an ``error`` raises)."""
+        for index, message in messages.items():
+            self.pipes[index].send(message)
+        answers: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        while len(answers) < len(messages):
+            for index in messages:
+                if index not in answers and self.pipes[index].poll(0):
+                    answers[index] = self.pipes[index].recv()
+            if len(answers) < len(messages):
+                if time.monotonic() > deadline:
+                    first = next(iter(messages.values()))[0]
+                    raise TimeoutError(f"worker processes did not answer {first!r} in {timeout:.0f}s")
+                await asyncio.sleep(0.01)
+        for answer in answers.values():
+            if isinstance(answer, dict) and "error" in answer:
+                raise RuntimeError(f"worker process failed:\n{answer['error']}")
+        return answers
+
+    async def all(self, *message: Any, timeout: float = 30.0) -> list[Any]:
+        answers = await self.ask(dict.fromkeys(range(len(self.pipes)), message), timeout)
+        return [answers[i] for i in range(len(self.pipes))]
+
+    def shutdown(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError, ValueError):
+                pipe.send(("exit",))
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()  # by its own PID
+                proc.join(5)
+
+
+class Clients(Pool):
+    """``procs`` client processes, each owning a share of the sockets."""
+
+    def __init__(self, procs: int, nofile: int) -> None:
+        super().__init__(procs, client_main, nofile)
 
     async def open(self, host: str, port: int, kind: str, specs: list[tuple[str, str]],
                    concurrency: int, each_timeout: float, budget: float) -> dict[str, Any]:
         n = len(self.pipes)
         shares = [specs[i::n] for i in range(n)]
         lanes = [max(1, concurrency // n + (1 if i < concurrency % n else 0)) for i in range(n)]
-        answers = await self.ask(
-            [("open", host, port, kind, share, lane, each_timeout, budget)
-             for share, lane in zip(shares, lanes, strict=True)], budget + each_timeout + 30)
+        answers = (await self.ask(
+            {i: ("open", host, port, kind, share, lane, each_timeout, budget)
+             for i, (share, lane) in enumerate(zip(shares, lanes, strict=True))},
+            budget + each_timeout + 30)).values()
         return {"seconds": max(a["seconds"] for a in answers),
                 "cpu": sum(a["cpu"] for a in answers)}
 
@@ -593,17 +620,6 @@ class Clients:
 
     async def close(self, budget: float = 20.0) -> None:
         await self.all("close", budget, timeout=budget + 15)
-
-    def shutdown(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError, ValueError):
-                pipe.send(("exit",))
-        deadline = time.monotonic() + 10
-        for proc in self.procs:
-            proc.join(max(0.1, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()  # by its own PID
-                proc.join(5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -631,7 +647,7 @@ class RedisProc:
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.dir),
              "--logfile", str(self.dir / "redis.log"), "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection(
@@ -676,7 +692,7 @@ class NodeProc:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.args, cwd=self.root, env=env, stdout=log, stderr=log,
-                                         preexec_fn=_node_preexec)
+                                         preexec_fn=node_preexec)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
