@@ -60,26 +60,13 @@ extra_pins=()
 "$venv/bin/python" -m pip check
 echo "lower bounds: ${pins[*]} ${extra_pins[*]}"
 
-redis_dir=$(mktemp -d)
-redis_port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
-    --dir "$redis_dir" --daemonize no --logfile "$redis_dir/redis.log" &
-redis_pid=$!
-cleanup() {
-    kill "$redis_pid" 2>/dev/null || true
-    wait "$redis_pid" 2>/dev/null || true
-    rm -rf "$redis_dir"
-}
-trap cleanup EXIT
-for _ in $(seq 1 50); do
-    redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
-    sleep 0.1
-done
+PYTHON_FOR_PORT="$venv/bin/python"
+# shellcheck source=scripts/private-redis.sh
+source scripts/private-redis.sh  # (the working directory is the checkout)
 
 # The gateway of this checkout, not installed (the tests start `python -m gateway` from here);
 # a hypothesis database of its own, so old and new hypothesis versions never share one.
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export HYPOTHESIS_STORAGE_DIRECTORY="$venv/.hypothesis"
-export TEST_REDIS_URL="redis://127.0.0.1:$redis_port/0"
 export GATEWAY_TEST_REQUIRE_REDIS=1
 "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
