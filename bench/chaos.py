@@ -726,31 +726,25 @@ class Pace:
         return remaining if self.delay is None else self.delay
 
 
-class SseClient:
-    """An SSE follower of one workspace: any node, resuming with ``Last-Event-ID`` after
-    every end. With ``presence`` it holds a REST session: joined once each stream is open,
-    renewed every few seconds while it is."""
+class Follower:
+    """What the SSE and WebSocket clients share: a journal, a pace, and a loop that follows
+    from a random node, again after every end (``follow``)."""
 
-    def __init__(self, world: World, name: str, workspace: str, *, role: str = "regular",
-                 presence: bool = False, since: str | None = None, slow: bool = False) -> None:
-        self.world, self.name, self.workspace, self.presence = world, name, workspace, presence
-        self.journal = world.recorder.journal(name, role, "sse", (workspace,))
-        self.last = since
+    def __init__(self, world: World, name: str, transport: str, workspaces: Sequence[str], *,
+                 role: str, presence: bool, slow: bool) -> None:
+        self.world, self.name, self.presence = world, name, presence
+        self.journal = world.recorder.journal(name, role, transport, tuple(workspaces))
         self.rng = world.rng(name)
         self.session = world.slow if slow else world.streams
         self.pace = Pace()
         self.received = 0
-        self.open = False
-        self.joined = False
-
-    def present_in(self) -> set[str]:
-        return {self.workspace} if self.open and self.joined else set()
-
-    def position(self, workspace: str) -> Pos | None:
-        return Pos.parse(self.last)
+        self.closed_in = ""  # the workspace a close is journaled under ("" = the socket's)
 
     def paused(self) -> float:
         return self.pace.wait()
+
+    async def follow(self, node: Node) -> None:
+        raise NotImplementedError
 
     async def run(self) -> None:
         """Until cancelled."""
@@ -759,8 +753,29 @@ class SseClient:
             try:
                 await self.follow(node)
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-                self.journal.add(Entry(self.world.now(), "close", self.workspace, note=f"{node.name}: {exc!r}"[:160]))
+                self.journal.add(Entry(self.world.now(), "close", self.closed_in,
+                                       note=f"{node.name}: {exc!r}"[:160]))
             await asyncio.sleep(self.rng.uniform(0.05, 0.3))
+
+
+class SseClient(Follower):
+    """An SSE follower of one workspace: any node, resuming with ``Last-Event-ID`` after
+    every end. With ``presence`` it holds a REST session: joined once each stream is open,
+    renewed every few seconds while it is."""
+
+    def __init__(self, world: World, name: str, workspace: str, *, role: str = "regular",
+                 presence: bool = False, since: str | None = None, slow: bool = False) -> None:
+        super().__init__(world, name, "sse", (workspace,), role=role, presence=presence, slow=slow)
+        self.workspace = self.closed_in = workspace
+        self.last = since
+        self.open = False
+        self.joined = False
+
+    def present_in(self) -> set[str]:
+        return {self.workspace} if self.open and self.joined else set()
+
+    def position(self, workspace: str) -> Pos | None:
+        return Pos.parse(self.last)
 
     async def connect(self, node: Node) -> aiohttp.ClientResponse | None:
         headers = auth(self.name)
@@ -896,19 +911,15 @@ def answer_error(answer: dict[str, Any]) -> str:
     return str(error.get("status_code") or error.get("detail") or error)[:120]
 
 
-class WsClient:
+class WsClient(Follower):
     """A WebSocket follower of several workspaces on one socket: any node, ``subscribe``
     with ``since`` after every close; with ``presence`` it joins each workspace."""
 
     def __init__(self, world: World, name: str, workspaces: Sequence[str], *, role: str = "regular",
                  presence: bool = False, since: str | None = None, slow: bool = False) -> None:
-        self.world, self.name, self.workspaces, self.presence = world, name, tuple(workspaces), presence
-        self.journal = world.recorder.journal(name, role, "ws", workspaces)
+        super().__init__(world, name, "ws", workspaces, role=role, presence=presence, slow=slow)
+        self.workspaces = tuple(workspaces)
         self.last: dict[str, str | None] = {ws: since for ws in workspaces}
-        self.rng = world.rng(name)
-        self.session = world.slow if slow else world.streams
-        self.pace = Pace()
-        self.received = 0
         self.joined: set[str] = set()
         self.closes: Counter[str] = Counter()
 
@@ -917,19 +928,6 @@ class WsClient:
 
     def position(self, workspace: str) -> Pos | None:
         return Pos.parse(self.last[workspace])
-
-    def paused(self) -> float:
-        return self.pace.wait()
-
-    async def run(self) -> None:
-        """Until cancelled."""
-        while True:
-            node = self.rng.choice(self.world.nodes)
-            try:
-                await self.follow(node)
-            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-                self.journal.add(Entry(self.world.now(), "close", note=f"{node.name}: {exc!r}"[:160]))
-            await asyncio.sleep(self.rng.uniform(0.05, 0.3))
 
     def deliver(self, envelope: dict[str, Any]) -> None:
         record_event(self.journal, self.world.now(), envelope)
