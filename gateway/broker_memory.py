@@ -41,6 +41,7 @@ from protocol.errors import format_timestamp
 
 @dataclass(slots=True)
 class _Log:
+    workspace: WorkspaceKey | None = None  # None: an empty log made for a read, never kept
     entries: deque[tuple[EntryId, Envelope]] = field(default_factory=deque)
     last: EntryId = ZERO
     # Highest entry id removed by retention (ZERO: nothing removed yet).
@@ -99,8 +100,7 @@ class MemoryBroker:
         self._max_age_ms = int(history_max_age * 1000)
         self._idempotency_ttl = idempotency_ttl
         self._logs: dict[WorkspaceKey, _Log] = {}
-        self._by_log: dict[int, WorkspaceKey] = {}  # id(log) -> its workspace
-        self._forget: list[tuple[float, int, WorkspaceKey, _Log]] = []  # heap, by forget_at
+        self._forget: list[tuple[float, int, _Log]] = []  # heap, by forget_at
         self._queued = 0
         # Workspace -> the earliest time a presence record of it may change by itself.
         self._expiring: dict[WorkspaceKey, float] = {}
@@ -118,47 +118,44 @@ class MemoryBroker:
     def _log(self, workspace: WorkspaceKey) -> _Log:
         log = self._logs.get(workspace)
         if log is None:
-            log = self._logs[workspace] = _Log()
-            self._by_log[id(log)] = workspace
+            log = self._logs[workspace] = _Log(workspace)
         return log
 
     def _existing(self, workspace: WorkspaceKey) -> _Log:
         """The workspace's log for a read: an empty one (not kept) if it has none."""
         return self._logs.get(workspace) or _Log()
 
-    def _keep_until(self, workspace: WorkspaceKey, log: _Log, moment: float) -> None:
+    def _keep_until(self, log: _Log, moment: float) -> None:
         """The log is needed at least until ``moment``: queue it to be looked at then."""
         log.forget_at = max(log.forget_at, moment)
         if not log.queued:
             log.queued = True
             self._queued += 1
-            heapq.heappush(self._forget, (log.forget_at, self._queued, workspace, log))
+            heapq.heappush(self._forget, (log.forget_at, self._queued, log))
 
     def _forgettable(self, log: _Log, now: float) -> bool:
         return not log.followers and not log.records and log.forget_at <= now
 
     def _release(self, log: _Log) -> None:
         """A follower left: forget the log now if nothing else needs it."""
-        workspace = self._by_log.get(id(log))
-        if workspace is not None and self._forgettable(log, self._clock.now()):
-            self._drop(workspace, log)
+        if self._forgettable(log, self._clock.now()):
+            self._drop(log)
 
-    def _drop(self, workspace: WorkspaceKey, log: _Log) -> None:
-        if self._logs.get(workspace) is log:
-            del self._logs[workspace]
-            del self._by_log[id(log)]
+    def _drop(self, log: _Log) -> None:
+        if log.workspace is not None and self._logs.get(log.workspace) is log:
+            del self._logs[log.workspace]
 
     def _forget_expired(self, now: float) -> None:
         """Forget the logs whose time came and that nothing holds (O(logs due))."""
         while self._forget and self._forget[0][0] <= now:
-            _, _, workspace, log = heapq.heappop(self._forget)
+            _, _, log = heapq.heappop(self._forget)
             log.queued = False
-            if self._logs.get(workspace) is not log:  # forgotten already
+            if log.workspace is None or self._logs.get(log.workspace) is not log:  # forgotten
                 continue
             if log.forget_at > now:  # used again since it was queued
-                self._keep_until(workspace, log, log.forget_at)
+                self._keep_until(log, log.forget_at)
             elif self._forgettable(log, now):
-                self._drop(workspace, log)
+                self._drop(log)
             # else followers or records hold it: the last of them to go forgets it
 
     def _position(self, log: _Log) -> EventId:
@@ -180,7 +177,7 @@ class MemoryBroker:
         log.entries.append((entry, envelope))
         log.last = entry
         self._trim(log, ms)
-        self._keep_until(workspace, log, now + self._max_age_ms / 1000)
+        self._keep_until(log, now + self._max_age_ms / 1000)
         if log.followers:
             # A copy: encodings the feed caches on what it delivers must not stay pinned
             # to the retained history.
@@ -214,7 +211,7 @@ class MemoryBroker:
             return replace(earlier[1])
         envelope = self._append(workspace, log, PendingEvent(event_type, actor, data))
         log.published[key] = (now + self._idempotency_ttl, envelope)
-        self._keep_until(workspace, log, now + self._idempotency_ttl)
+        self._keep_until(log, now + self._idempotency_ttl)
         return envelope
 
     async def change_presence(
