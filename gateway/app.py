@@ -66,6 +66,7 @@ def create_app(
         metrics=Metrics(),
     )
     app[ws.CONNECTIONS] = ws.Connections()
+    app[sse.STREAMS] = sse.Streams()
     app[health.LEAVING] = asyncio.Event()
     app.add_routes(
         [
@@ -84,7 +85,7 @@ def create_app(
         ]
     )
     cors.setup_cors(app)
-    app.cleanup_ctx.extend([_backend, _sweeper, _feed_janitor])
+    app.cleanup_ctx.extend([_backend, _sweeper, _feed_janitor, sse.keepalive])
     app.on_shutdown.append(_drain)
     app.on_response_prepare.append(_retire_connections_when_leaving)
     return app

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Protocol
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
 
 
 class Clock(Protocol):
@@ -13,6 +18,9 @@ class Clock(Protocol):
 
     async def sleep_until(self, deadline: float) -> None:
         """Return once ``now() >= deadline``."""
+
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
+        """Call ``callback`` once ``now() >= deadline`` (a timer, not a task), unless cancelled."""
 
 
 class SystemClock:
@@ -24,6 +32,23 @@ class SystemClock:
         if delay > 0:
             await asyncio.sleep(delay)
 
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_later(max(0.0, deadline - time.time()), callback)
+
+
+class _ManualTimer:
+    __slots__ = ("callback", "cancelled", "deadline")
+
+    def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
+        self.deadline, self.callback, self.cancelled = deadline, callback, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def fire(self) -> None:
+        if not self.cancelled:
+            self.callback()
+
 
 class ManualClock:
     """A clock that moves only when told to; sleepers wake when it passes their deadline."""
@@ -31,6 +56,7 @@ class ManualClock:
     def __init__(self, start: float = 1_800_000_000.0) -> None:
         self._now = start
         self._changed = asyncio.Event()
+        self._timers: list[_ManualTimer] = []
 
     def now(self) -> float:
         return self._now
@@ -39,7 +65,20 @@ class ManualClock:
         self._now += seconds
         self._changed.set()
         self._changed = asyncio.Event()
+        due = [timer for timer in self._timers if timer.deadline <= self._now]
+        self._timers = [timer for timer in self._timers
+                        if timer.deadline > self._now and not timer.cancelled]
+        for timer in due:
+            asyncio.get_running_loop().call_soon(timer.fire)
 
     async def sleep_until(self, deadline: float) -> None:
         while self._now < deadline:
             await self._changed.wait()
+
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
+        timer = _ManualTimer(deadline, callback)
+        if deadline <= self._now:
+            asyncio.get_running_loop().call_soon(timer.fire)
+        else:
+            self._timers.append(timer)
+        return timer

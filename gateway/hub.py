@@ -1,10 +1,12 @@
 """Local subscriptions: one feed per workspace this node has interest in.
 
 A feed follows the workspace log once (the backend hands it each batch: no task per
-feed), applies each event to the node's presence replica, then offers it to every
-local subscriber's bounded ``Outbox`` without awaiting any of them: a slow client
-overflows its own outbox and is closed, and nobody else notices. Each event is
-encoded at most once per encoding (``encoded``), whatever the number of subscribers.
+feed), applies each event to the node's presence replica, then hands the batch to every
+local ``Subscriber``, which writes it to its connection's transport at once — one write
+per batch, no task, queue or await — or, if that connection is behind, to its bounded
+queue: a slow client overflows its own queue and is closed, and nobody else notices.
+Each event is encoded at most once per wire format, whatever the number of subscribers.
+SSE and WebSocket differ only in their ``Transport``'s encoding and close.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
+
+from prometheus_client import Counter
 
 from gateway.broker import BackendUnavailable, Broker, HistoryGone, Snapshot
 from gateway.presence import Replica, Resource
 from gateway.tasks import Backoff, stop
+from gateway.transports import OVERFLOW, Transport
 from protocol.envelope import (
     SYNC_RESET,
     SYNC_SNAPSHOT,
@@ -35,14 +40,6 @@ log = logging.getLogger(__name__)
 SYSTEM_ACTOR: Final = {"type": "system", "id": "gateway"}
 FEED_IDLE_SECONDS: Final = 60.0
 APPLY_WAIT_SECONDS: Final = 2.0
-
-
-def encoded(envelope: Envelope, name: str, encode: Callable[[Envelope], bytes]) -> bytes:
-    """``encode(envelope)``, computed once per envelope and encoding name."""
-    cached = envelope._encoded.get(name)
-    if cached is None:
-        cached = envelope._encoded[name] = encode(envelope)
-    return cached
 
 
 def sync_envelope(
@@ -61,93 +58,155 @@ def sync_envelope(
 
 
 @dataclass(frozen=True, slots=True)
-class Closed:
-    """The outbox is closed: ``overflow``, ``timeout``, ``token_expired``, ``drain``, ..."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class Resync:
-    """The log lost history this subscriber may not have seen: reset, then this snapshot."""
+    """The log lost history: a waiting subscriber gets ``sync.reset``, then this snapshot."""
 
     snapshot: Envelope
 
 
-OutItem = Envelope | Resync | Closed
+class Subscriber:
+    """One workspace delivered to one connection: its replay, then its live events.
 
-
-class Outbox:
-    """A subscriber's bounded queue. ``offer`` never blocks; overflow closes the outbox.
-
-    Once closed, ``next`` answers ``Closed`` at once (queued items are dropped: the
-    client resumes from the last id it received). While a ``Replay`` is being read
-    (``holding``), overflow is no fault of the client's: the queued events are dropped and
-    ``lagged`` is set, and the replay reads them again from the log.
+    The feed hands it each batch as it arrives (``deliver``, synchronous). Once live, it
+    skips what the replay already gave and writes the rest, encoded once per encoding for
+    the whole node, to its transport in one write. While its replay is read (``holding``),
+    live events wait here, bounded: if they overflow, they are dropped and ``lagged`` is
+    set, and the replay reads them again from the log. A history loss (``resync``) becomes
+    ``sync.reset`` and the fresh snapshot. ``last_id`` is the last event id given to the
+    transport (what a client resumes after).
     """
 
-    def __init__(self, limit: int, on_close: Callable[[str], None] | None = None) -> None:
-        self._items: deque[Envelope | Resync] = deque()
+    __slots__ = (
+        "_limit",
+        "_live",
+        "_skip_through",
+        "_waiting",
+        "delivered",
+        "holding",
+        "lagged",
+        "last_id",
+        "replaying",
+        "transport",
+        "workspace",
+    )
+
+    def __init__(self, workspace: WorkspaceKey, transport: Transport, limit: int,
+                 delivered: Counter) -> None:
+        self.workspace = workspace
+        self.transport = transport
+        self.delivered = delivered  # the events_delivered counter of its transport kind
         self._limit = limit
-        self._ready = asyncio.Event()
-        self.closed: Closed | None = None
-        self._on_close = on_close
+        self._waiting: deque[Envelope | Resync] = deque()
+        self._live = False
         self.holding = False
         self.lagged = False
+        # Events up to here were given by the replay; None once a newer one went through
+        # (from then on the feed's order holds, and no id needs comparing).
+        self._skip_through: EventId | None = None
+        self.last_id = ""
+        self.replaying: asyncio.Task[None] | None = None  # a WebSocket replay being written
 
-    def offer(self, item: Envelope | Resync) -> bool:
-        if self.closed is not None:
-            return False
-        if len(self._items) >= self._limit:
-            if self.holding:
-                self._items.clear()
-                self.lagged = True
-                return True
-            self.close("overflow")
-            return False
-        self._items.append(item)
-        self._ready.set()
-        return True
+    @property
+    def closed(self) -> str | None:
+        return self.transport.closed
 
     def close(self, reason: str) -> None:
-        if self.closed is not None:
-            return
-        self.closed = Closed(reason)
-        self._items.clear()
-        self._ready.set()
-        if self._on_close is not None:
-            self._on_close(reason)
+        self.transport.close(reason)
 
-    async def next(self) -> OutItem:
-        while True:
-            if self.closed is not None:
-                return self.closed
-            if self._items:
-                return self._items.popleft()
-            self._ready.clear()
-            await self._ready.wait()
+    def deliver(self, batch: list[Envelope]) -> int:
+        """Write (or, before ``go_live``, keep) a batch; returns the frames written."""
+        if self._live:
+            return self._write(batch)
+        self._wait(batch)
+        return 0
+
+    def resync(self, snapshot: Envelope) -> None:
+        if not self._live:
+            self._wait((Resync(snapshot),))
+            return
+        reset = sync_envelope(self.workspace, SYNC_RESET, snapshot.id,
+                              {"reason": "history_lost", "last_event_id": self.last_id})
+        encoding = self.transport.encoding
+        self._skip_through = snapshot.event_id
+        self.last_id = snapshot.id
+        self.transport.send(encoding.event(reset) + encoding.encoded(snapshot), 2)
 
     def drop(self) -> None:
-        """Forget what is queued (a replay starts over from a fresh snapshot)."""
-        self._items.clear()
+        """Forget what waits (a replay starts over from a fresh snapshot)."""
+        self._waiting.clear()
         self.lagged = False
 
-    def ready(self, limit: int) -> list[Envelope | Resync]:
-        """Up to ``limit`` queued items, without waiting (for batching writes)."""
-        if self.closed is not None:
-            return []
-        count = min(limit, len(self._items))
-        return [self._items.popleft() for _ in range(count)]
+    def go_live(self, cursor: EventId | None) -> None:
+        """Write what waited (skipping what the replay gave up to ``cursor``), then every
+        later batch as it comes."""
+        self._skip_through = cursor
+        self._live = True
+        batch: list[Envelope] = []
+        while self._waiting and self.closed is None:
+            item = self._waiting.popleft()
+            if isinstance(item, Envelope):
+                batch.append(item)
+                continue
+            if batch:
+                self.delivered.inc(self._write(batch))
+                batch = []
+            self.resync(item.snapshot)
+        if batch:
+            self.delivered.inc(self._write(batch))
 
-    def __len__(self) -> int:
-        return len(self._items)
+    async def replay(self, replay: Replay) -> bool:
+        """Write ``replay`` a page at a time, each once the client has read the one before
+        (a client resuming far back makes the node hold one page for it), then go live.
+        False if the transport closed first."""
+        transport = self.transport
+        event = transport.encoding.event  # replayed envelopes may be retained: not cached
+        async with contextlib.aclosing(replay.pages()) as pages:
+            async for page in pages:
+                if not await transport.paced(b"".join(event(envelope) for envelope in page)):
+                    return False
+                self.last_id = page[-1].id
+                self.delivered.inc(len(page))
+        self.go_live(replay.cursor)
+        return True
+
+    def _wait(self, items: Iterable[Envelope | Resync]) -> None:
+        self._waiting.extend(items)
+        if len(self._waiting) > self._limit:
+            self._waiting.clear()
+            if self.holding:
+                self.lagged = True
+            else:
+                self.transport.close(OVERFLOW)
+
+    def _write(self, batch: list[Envelope]) -> int:
+        skip = self._skip_through
+        if skip is not None:
+            start = 0
+            while start < len(batch) and not is_after(batch[start], skip):
+                start += 1  # already given by the replay
+            if start == len(batch):
+                return 0
+            self._skip_through = None
+            batch = batch[start:]
+        encoded = self.transport.encoding.encoded
+        self.last_id = batch[-1].id
+        if len(batch) == 1:
+            data = encoded(batch[0])
+            frames = 1 if data else 0
+        else:
+            parts = [encoded(envelope) for envelope in batch]
+            data = b"".join(parts)
+            frames = len(parts) - parts.count(b"")
+        if frames and self.transport.send(data, frames):
+            return frames
+        return 0
 
 
 def is_after(envelope: Envelope, cursor: EventId | None) -> bool:
     """True when ``envelope`` comes after ``cursor`` (always, across epochs)."""
     if cursor is None:
         return True
-    event_id = EventId.parse(envelope.id)
+    event_id = envelope.event_id
     return event_id.epoch != cursor.epoch or event_id.entry > cursor.entry
 
 
@@ -165,13 +224,13 @@ class Feed:
 
     It is the log's sink (``Broker.follow``): batches arrive in log order; when the log
     lost history the feed had not received, it resyncs from a fresh snapshot and every
-    subscriber gets a ``Resync``."""
+    subscriber is reset to it."""
 
     def __init__(self, broker: Broker, workspace: WorkspaceKey, snapshot: Snapshot) -> None:
         self.workspace = workspace
         self.replica = Replica(snapshot.members, snapshot.position)
         self._broker = broker
-        self._outboxes: set[Outbox] = set()
+        self._subscribers: set[Subscriber] = set()
         self._waiters: list[tuple[EventId, asyncio.Future[None]]] = []
         self._resynced: list[asyncio.Future[None]] = []
         # Idle until something attaches: a feed made for a presence read is reaped too.
@@ -184,20 +243,20 @@ class Feed:
             self.workspace, SYNC_SNAPSHOT, str(self.replica.position), self.replica.snapshot()
         )
 
-    def attach(self, outbox: Outbox) -> Envelope:
-        """Start delivering to ``outbox``; returns the snapshot its first event follows."""
-        self._outboxes.add(outbox)
+    def attach(self, subscriber: Subscriber) -> Envelope:
+        """Start delivering to ``subscriber``; returns the snapshot its first event follows."""
+        self._subscribers.add(subscriber)
         self.idle_since = None
         return self.snapshot_envelope()
 
-    def detach(self, outbox: Outbox) -> None:
-        self._outboxes.discard(outbox)
-        if not self._outboxes:
+    def detach(self, subscriber: Subscriber) -> None:
+        self._subscribers.discard(subscriber)
+        if not self._subscribers:
             self.idle_since = asyncio.get_running_loop().time()
 
     @property
     def subscriber_count(self) -> int:
-        return len(self._outboxes)
+        return len(self._subscribers)
 
     def presence(self, resource: Resource | None = None) -> dict[str, Any]:
         return self.replica.snapshot(resource)
@@ -238,11 +297,15 @@ class Feed:
         self._waiters = pending
 
     def deliver(self, batch: list[Envelope]) -> None:
-        outboxes = tuple(self._outboxes)  # offer() may close (and detach) an outbox
         for envelope in batch:
             self.replica.apply(envelope)
-            for outbox in outboxes:
-                outbox.offer(envelope)
+        written: dict[Counter, int] = {}  # one metrics update per kind of transport
+        for subscriber in tuple(self._subscribers):
+            frames = subscriber.deliver(batch)
+            if frames:
+                written[subscriber.delivered] = written.get(subscriber.delivered, 0) + frames
+        for counter, frames in written.items():
+            counter.inc(frames)
         self._wake_waiters()
 
     def history_gone(self) -> None:
@@ -251,8 +314,8 @@ class Feed:
                 self._resync(), name=f"feed resync {self.workspace}")
 
     async def _resync(self) -> None:
-        """A fresh snapshot (retried until the backend answers), a ``Resync`` to every
-        subscriber, and delivery again from the snapshot's position."""
+        """A fresh snapshot (retried until the backend answers), every subscriber reset
+        to it, and delivery again from the snapshot's position."""
         log.warning("workspace log lost history; resyncing", extra={"workspace": str(self.workspace)})
         backoff = Backoff(0.05, 2.0)
         while True:
@@ -264,9 +327,9 @@ class Feed:
                     log.exception("feed resync failed; retrying", extra={"workspace": str(self.workspace)})
                 await backoff.pause()
         self.replica = Replica(snapshot.members, snapshot.position)
-        resync = Resync(self.snapshot_envelope())
-        for outbox in tuple(self._outboxes):
-            outbox.offer(resync)
+        fresh = self.snapshot_envelope()
+        for subscriber in tuple(self._subscribers):
+            subscriber.resync(fresh)
         self._wake_waiters()
         resynced, self._resynced = self._resynced, []
         for waiter in resynced:
@@ -316,13 +379,13 @@ class Hub:
         """Members of every workspace this node follows (its replicas)."""
         return sum(len(feed.replica.members) for feed in self._feeds.values())
 
-    def outboxes(self) -> list[Outbox]:
-        return [outbox for feed in self._feeds.values() for outbox in feed._outboxes]
+    def subscribers(self) -> list[Subscriber]:
+        return [subscriber for feed in self._feeds.values() for subscriber in feed._subscribers]
 
     def close_all(self, reason: str) -> None:
-        """Close every local subscriber (drain)."""
-        for outbox in self.outboxes():
-            outbox.close(reason)
+        """Close every local subscriber's connection (drain)."""
+        for subscriber in self.subscribers():
+            subscriber.close(reason)
 
     async def reap_idle(self, idle_seconds: float = FEED_IDLE_SECONDS) -> None:
         now = asyncio.get_running_loop().time()
@@ -344,28 +407,28 @@ CATCH_UP_SECONDS: Final = 3.0
 
 
 class Replay:
-    """What a subscriber attached to ``feed`` (its ``outbox``, at ``snapshot``) receives
+    """What a subscriber attached to ``feed`` (at ``snapshot``) receives
     before live events, a page at a time, at the client's pace: a client resuming far back
     never makes the node hold more than a page for it, and never overflows for it.
 
     Without ``since``: the snapshot. With a resumable ``since``: every retained event after
-    it, up to the snapshot's position (later ones are live events, queued in the outbox).
+    it, up to the snapshot's position (later ones are live events, waiting in the subscriber).
     Otherwise — or if history goes while the replay is read — ``sync.reset`` and a snapshot.
-    While the replay is read the outbox is ``holding``: if live events overflow it, they are
+    While the replay is read the subscriber is ``holding``: if live events overflow it, they are
     dropped and read from the log after the replay, until the replay has caught up with them.
     ``cursor`` is the position after everything given so far: live events up to it are
     duplicates."""
 
-    def __init__(self, broker: Broker, feed: Feed, outbox: Outbox, snapshot: Envelope,
+    def __init__(self, broker: Broker, feed: Feed, subscriber: Subscriber, snapshot: Envelope,
                  since: str | None) -> None:
-        self._broker, self._feed, self._outbox = broker, feed, outbox
+        self._broker, self._feed, self._subscriber = broker, feed, subscriber
         self._workspace, self._snapshot, self._since = feed.workspace, snapshot, since
         self._until: EventId | None = EventId.parse(snapshot.id)
         self.cursor: EventId | None = self._until
         self.reset = False
         self._first: list[Envelope] = []
         self._more = False
-        outbox.holding = True
+        subscriber.holding = True
 
     async def start(self) -> Replay:
         """Read the first event (so ``reset`` is known before anything is sent; only one:
@@ -406,7 +469,7 @@ class Replay:
                 await self._feed.reach_epoch(since.epoch)
         except TimeoutError:
             return  # the feed is stuck: the resume is reset, and is never wrong
-        self._outbox.drop()  # live events of the old epoch, and the feed's Resync
+        self._subscriber.drop()  # live events of the old epoch, and the feed's Resync
         self._snapshot = self._feed.snapshot_envelope()
         self._until = EventId.parse(self._snapshot.id)
 
@@ -431,7 +494,7 @@ class Replay:
             page = await self._read(self.cursor, retry, limit)
         except HistoryGone:
             if self._until is None:  # live events were dropped: start over from now
-                self._outbox.drop()
+                self._subscriber.drop()
                 return self._reset(self._feed.snapshot_envelope())
             return self._reset(self._snapshot)
         self._more = len(page) >= limit
@@ -452,7 +515,7 @@ class Replay:
             except BackendUnavailable:
                 if not retry:
                     raise
-            if self._outbox.closed is not None:
+            if self._subscriber.closed is not None:
                 return []
             await backoff.pause()
 
@@ -462,15 +525,15 @@ class Replay:
             while page:
                 yield page
                 page = await self._page() if self._more else []
-            # Live events overflowed the outbox meanwhile: read on from the log. The last
-            # read starts after the outbox holds again, so whatever it misses is queued there.
-            while self._outbox.lagged and self._outbox.closed is None:
-                self._outbox.lagged = False
+            # Live events overflowed the subscriber meanwhile: read on from the log. The last
+            # read starts after it holds again, so whatever it misses is queued there.
+            while self._subscriber.lagged and self._subscriber.closed is None:
+                self._subscriber.lagged = False
                 self._until = None
                 page = await self._page()
                 if self._more:
-                    self._outbox.lagged = True  # a full page: there is more to read first
+                    self._subscriber.lagged = True  # a full page: there is more to read first
                 if page:
                     yield page
         finally:
-            self._outbox.holding = False
+            self._subscriber.holding = False

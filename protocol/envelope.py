@@ -113,6 +113,17 @@ class Envelope:
     _encoded: dict[str, bytes] = field(
         default_factory=dict, compare=False, repr=False, init=False
     )
+    _event_id: EventId | None = field(default=None, compare=False, repr=False, init=False)
+
+    @property
+    def event_id(self) -> EventId:
+        """``id`` parsed (once per envelope, whatever the number of subscribers); raises
+        ``ValueError`` if it is not an event id."""
+        parsed = self._event_id
+        if parsed is None:
+            parsed = EventId.parse(self.id)
+            object.__setattr__(self, "_event_id", parsed)
+        return parsed
 
     def to_dict(self) -> dict[str, Any]:
         return {

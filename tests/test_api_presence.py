@@ -288,7 +288,8 @@ async def test_metrics_count_what_happened(client, token):
     text = await (await client.get("/metrics")).text()
     assert _metric(text, 'gateway_connections{transport="sse"}') == 1
     assert _metric(text, "gateway_events_published_total") == 1
-    assert _metric(text, 'gateway_events_delivered_total{transport="sse"}') == 2
+    # Every event written counts, on SSE as on WebSocket: the snapshot, the join, the update.
+    assert _metric(text, 'gateway_events_delivered_total{transport="sse"}') == 3
     assert _metric(text, "gateway_presence_members") == 1
     assert _metric(text, "gateway_presence_local_holdings") == 1  # the observer's stream
     assert _metric(text, 'gateway_backend_seconds_count{op="presence"}') >= 1

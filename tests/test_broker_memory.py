@@ -9,24 +9,43 @@ import pytest
 from gateway.broker import HistoryGone
 from gateway.broker_memory import MemoryBroker
 from gateway.clock import ManualClock
-from gateway.hub import Hub, Outbox, encoded
+from gateway.hub import Hub
+from gateway.transports import SSE_CHUNKED
 from gateway.presence import session_join, session_leave
 from protocol.envelope import ZERO, Envelope, EventId, WorkspaceKey
 
 WS = WorkspaceKey("org-1", "ws-1")
 
 
+class Recorder:
+    """A subscriber as the feed sees it (``deliver``/``resync``), keeping what it is handed."""
+
+    def __init__(self) -> None:
+        self.batches: asyncio.Queue[list[Envelope]] = asyncio.Queue()
+        self.delivered = self  # its own metrics counter
+
+    def deliver(self, batch: list[Envelope]) -> int:
+        self.batches.put_nowait(batch)
+        return len(batch)
+
+    def resync(self, snapshot: Envelope) -> None:
+        raise AssertionError("no history is lost here")
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+
 async def test_encodings_of_delivered_events_are_not_pinned_to_the_retained_history() -> None:
     broker = MemoryBroker(history_max_len=100)
     hub = Hub(broker)
     feed = await hub.feed(WS)
-    outbox = Outbox(10)
-    feed.attach(outbox)
+    recorder = Recorder()
+    feed.attach(recorder)  # type: ignore[arg-type]
     await asyncio.sleep(0)  # the feed catches up and goes live
     await broker.append(WS, "doc.updated", {"type": "service", "id": "x"}, {"blob": "y" * 10_000})
-    delivered = await asyncio.wait_for(outbox.next(), 1)
-    assert isinstance(delivered, Envelope)
-    encoded(delivered, "sse", lambda envelope: envelope.id.encode() * 1000)  # as a transport does
+    [delivered] = await asyncio.wait_for(recorder.batches.get(), 1)
+    assert SSE_CHUNKED.encoded(delivered)  # as a subscriber does: cached on the envelope
+    assert delivered._encoded
     [retained] = await broker.read_after(WS, EventId(broker.epoch, ZERO))
     assert retained == delivered
     assert all(not envelope._encoded for _, envelope in broker._logs[WS].entries)
@@ -85,7 +104,7 @@ async def test_followed_logs_and_present_users_are_never_forgotten() -> None:
     hub = Hub(broker)
     followed, joined = WorkspaceKey("org-1", "followed"), WorkspaceKey("org-1", "joined")
     feed = await hub.feed(followed)
-    feed.attach(Outbox(10))
+    feed.attach(Recorder())  # type: ignore[arg-type]
     await broker.append(followed, "doc.updated", SERVICE, {})
     await broker.change_presence(joined, "alice", session_join("alice", {"type": "user", "id": "alice"},
                                                                "s1", broker.node_id))

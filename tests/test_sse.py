@@ -243,10 +243,10 @@ async def test_client_that_stops_reading_is_cut_off_and_can_resume(app_factory, 
                                     {"n": i, "blob": blob})
         await asyncio.sleep(0)
     for _ in range(100):
-        if not gateway.hub.outboxes():
+        if not gateway.hub.subscribers():
             break
         await asyncio.sleep(0.05)
-    assert gateway.hub.outboxes() == []  # the slow client was dropped, nobody else is affected
+    assert gateway.hub.subscribers() == []  # the slow client was dropped, nobody else is affected
     got = await reader.until_eof(timeout=5)
     assert reader.aborted
     assert len(got) < 400
@@ -274,12 +274,13 @@ async def test_draining_ends_streams_with_a_jittered_retry(client, token):
 
 
 def test_encode_envelope_is_cached_per_event(client):
-    from gateway.hub import encoded
+    from gateway.transports import SSE_CHUNKED
     from protocol.envelope import Envelope
 
     envelope = Envelope("e:1-0", "doc.updated", ORG, WORKSPACE, {}, {}, "t")
-    first = encoded(envelope, "sse", encode_envelope)
-    assert encoded(envelope, "sse", lambda _: b"other") is first
+    first = SSE_CHUNKED.encoded(envelope)
+    assert first == b"%x\r\n%b\r\n" % (len(encode_envelope(envelope)), encode_envelope(envelope))
+    assert SSE_CHUNKED.encoded(envelope) is first
 
 
 async def test_timeout_wins_over_a_later_token_expiry(client, token, clock):

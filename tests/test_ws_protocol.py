@@ -161,33 +161,8 @@ def test_session_linger_keeps_a_draining_session_for_the_grace() -> None:
     assert session_linger("ws-a", 10.0).apply(None, 200.0) is None
 
 
-async def test_outgoing_offer_overflows_and_put_waits() -> None:
-    import asyncio
-
-    from gateway.channel import Outgoing
-    from gateway.hub import Closed
-
-    reasons: list[str] = []
-    queue = Outgoing(2, on_close=reasons.append, replay_window=2)
-    assert queue.offer(b"1") and queue.offer(b"2")  # live frames: at the limit
-    # Replayed frames go at the client's pace and never count against the limit...
-    assert await queue.put(b"r1") and await queue.put(b"r2")
-    waiting = asyncio.create_task(queue.put(b"r3"))
-    await asyncio.sleep(0)
-    assert not waiting.done()  # ... but wait while the replay window is full
-    assert await queue.next() == b"1"
-    await asyncio.sleep(0)
-    assert not waiting.done()  # a live frame sent makes no room in the window
-    assert [await queue.next(), await queue.next()] == [b"2", b"r1"]
-    assert await waiting is True
-    assert queue.offer(b"3") and queue.offer(b"4")  # r2 and r3 queued: still room for 2 live
-    assert queue.offer(b"5") is False  # offer never waits: overflow closes
-    assert reasons == ["overflow"] and await queue.next() == Closed("overflow")
-    assert await queue.put(b"6") is False
-
-
 def test_token_bucket() -> None:
-    from gateway.channel import TokenBucket
+    from gateway.session import TokenBucket
 
     bucket = TokenBucket(rate=2.0, burst=3, now=0.0)
     assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]

@@ -11,29 +11,37 @@ abruptly when the client cannot keep up (it resumes with ``Last-Event-ID``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
+from collections.abc import AsyncIterator
+from typing import Final
 
-from aiohttp import web
-from aiohttp_sse import EventSourceResponse
+from aiohttp import HttpVersion11, web
 
 from gateway.auth import SYNC_READ, Identity, bearer_token
 from gateway.core import Gateway
-from gateway.handlers.common import gateway_of, parse, query_of, workspace_of
+from gateway.handlers.common import GATEWAY, gateway_of, parse, query_of, workspace_of
 from gateway.handlers.params import StreamQuery
-from gateway.hub import Closed, Outbox, Replay, Resync, encoded, is_after, sync_envelope
+from gateway.hub import Replay, Subscriber, sync_envelope
+from gateway.tasks import stop
+from gateway.transports import DISCONNECTED, OVERFLOW, SSE_CHUNKED, SSE_PLAIN, Transport
 from protocol import sse
-from protocol.envelope import SYNC_RESET, SYNC_TOKEN_EXPIRED, Envelope, EventId, WorkspaceKey
+from protocol.envelope import SYNC_TOKEN_EXPIRED, WorkspaceKey
 from protocol.errors import ApiError
 
 log = logging.getLogger(__name__)
 
-TRANSPORT = "sse"
-WRITE_BATCH = 64
+TRANSPORT: Final = "sse"
 # A stream that ends (timeout, token expiry, drain) has this long to write its last frames;
 # a client that does not read them is cut, so no blocked write outlives the stream.
 CLOSE_GRACE_SECONDS = 5.0
+HEADERS: Final = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "Connection": "keep-alive",
+    "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+}
+PING: Final = b": ping\n\n"  # a comment line: EventSource ignores it
 
 
 async def _identity_and_query(
@@ -53,63 +61,61 @@ async def _identity_and_query(
     return identity, parse(StreamQuery, query_of(request), "query")
 
 
-def _frame(envelope: Envelope) -> bytes:
-    return encoded(envelope, TRANSPORT, sse.encode_envelope)
-
-
-async def _end_at(gateway: Gateway, outbox: Outbox, deadline: float, expires_at: float) -> None:
-    """Close the outbox at the stream's deadline or the token's expiry, whichever is first."""
-    token_end = expires_at + gateway.settings.jwt_leeway
-    await gateway.clock.sleep_until(min(deadline, token_end))
-    outbox.close("token_expired" if token_end < deadline else "timeout")
-
-
 async def stream(request: web.Request) -> web.StreamResponse:
     gateway, workspace = gateway_of(request), workspace_of(request)
     identity, query = await _identity_and_query(request, gateway, workspace)
     if gateway.draining:
         raise ApiError("SERVICE_UNAVAILABLE", {"reason": "draining"})
     since = request.headers.get("Last-Event-ID") or query.last_event_id
+    socket = request.transport
+    if socket is None:  # the client is gone already
+        raise ConnectionResetError("client disconnected")
 
     feed = await gateway.hub.feed(workspace)
-    transport = request.transport
-    cut: asyncio.TimerHandle | None = None
+    # HTTP/1.1 streams are chunked, each event its own chunk; HTTP/1.0 ends at the close.
+    encoding = SSE_CHUNKED if request.version >= HttpVersion11 else SSE_PLAIN
+    settings, metrics = gateway.settings, gateway.metrics
 
-    def closed(reason: str) -> None:
-        nonlocal cut
-        if transport is None or reason == "disconnected":
-            return
-        if reason == "overflow":  # a client that cannot keep up: cut it, it resumes later
-            gateway.metrics.slow_consumer_disconnects.labels(TRANSPORT).inc()
-            transport.abort()
-        else:  # the stream ends: a write the client does not read may not hold it open
-            cut = asyncio.get_running_loop().call_later(CLOSE_GRACE_SECONDS, transport.abort)
+    def closed(reason: str) -> bytes | None:
+        """The last words of a stream that ends: resume hints, by reason."""
+        if reason == OVERFLOW:  # a client that cannot keep up: cut it, it resumes later
+            metrics.slow_consumer_disconnects.labels(TRANSPORT).inc()
+            socket.abort()
+        elif reason == "token_expired":
+            return encoding.event(sync_envelope(
+                workspace, SYNC_TOKEN_EXPIRED, subscriber.last_id, {"reason": "token_expired"}))
+        elif reason == "drain":
+            # Spread the reconnections of a drained node's clients over a few seconds.
+            return encoding.message(sse.retry(
+                random.randint(settings.retry_ms, settings.retry_ms * 3)))
+        return None
 
-    outbox = Outbox(gateway.settings.send_buffer, on_close=closed)
-    snapshot = feed.attach(outbox)  # live events from here on queue up in the outbox
-    response: EventSourceResponse | None = None
-    watcher: asyncio.Task[None] | None = None
-    timer: asyncio.Task[None] | None = None
+    transport = Transport(socket, request.protocol, encoding, settings.send_buffer,
+                          grace=CLOSE_GRACE_SECONDS, on_close=closed)
+    subscriber = Subscriber(workspace, transport, settings.send_buffer,
+                            metrics.events_delivered.labels(TRANSPORT))
+    snapshot = feed.attach(subscriber)  # live events from here on wait in the subscriber
+    streams = request.app[STREAMS]
+    response: web.StreamResponse | None = None
+    ending = None
     held = False
     try:
-        replay = await Replay(gateway.broker, feed, outbox, snapshot, since).start()
+        replay = await Replay(gateway.broker, feed, subscriber, snapshot, since).start()
         await gateway.stream_opened(identity, workspace)
         held = True
-        response = EventSourceResponse(
-            sep="\n", ping_interval=gateway.settings.keepalive,
-            headers={"X-Gateway-Node": gateway.node_id},
-        )
-        await response.prepare(request)
-        gateway.metrics.connections.labels(TRANSPORT).inc()
-        # The keep-alive task ends when a write fails: the client is gone.
-        watcher = asyncio.create_task(response.wait())
-        watcher.add_done_callback(lambda _: outbox.close("disconnected"))
-        timer = asyncio.create_task(
-            _end_at(gateway, outbox, gateway.clock.now() + query.timeout, identity.expires_at)
-        )
-        await response.write(sse.retry(gateway.settings.retry_ms))
-        cursor = await _replay(response, replay, outbox)
-        await _pump(gateway, response, outbox, workspace, cursor)
+        response = web.StreamResponse(headers={**HEADERS, "X-Gateway-Node": gateway.node_id})
+        if encoding is SSE_CHUNKED:
+            response.enable_chunked_encoding()
+        await response.prepare(request)  # the headers are written: events go straight after
+        metrics.connections.labels(TRANSPORT).inc()
+        streams.add(transport)
+        deadline = gateway.clock.now() + query.timeout
+        token_end = identity.expires_at + settings.jwt_leeway
+        ending = gateway.clock.call_at(min(deadline, token_end), lambda: transport.close(
+            "token_expired" if token_end < deadline else "timeout"))
+        transport.send(encoding.message(sse.retry(settings.retry_ms)), 0)
+        await subscriber.replay(replay)
+        await transport.wait_closed()
     except ConnectionResetError:
         if response is None:
             raise
@@ -118,84 +124,53 @@ async def stream(request: web.Request) -> web.StreamResponse:
             raise  # still answerable with an error envelope
         log.exception("stream failed; closing it", extra={"workspace": str(workspace)})
     finally:
-        feed.detach(outbox)
-        if cut is not None:  # ended in time (the connection may serve another request)
-            cut.cancel()
-        for task in (timer, watcher):
-            if task is not None:
-                task.cancel()
+        feed.detach(subscriber)
+        transport.close(DISCONNECTED)  # (when not closed for a reason already)
+        if ending is not None:
+            ending.cancel()
+        streams.discard(transport)
         if response is not None and response.prepared:
-            gateway.metrics.connections.labels(TRANSPORT).dec()
+            metrics.connections.labels(TRANSPORT).dec()
         if held:
             await asyncio.shield(gateway.stream_closed(identity, workspace))
     return response
 
 
-async def _replay(response: EventSourceResponse, replay: Replay, outbox: Outbox) -> EventId | None:
-    """Write the replay a page at a time, waiting for each write: a client resuming far back
-    never makes the node hold more than a page of events for it. Replayed envelopes may be
-    the broker's retained ones, so their encodings are not cached on them.
+class Streams:
+    """The node's open streams, kept alive by one timer for all: a comment line every
+    ``keepalive`` seconds to each (so proxies keep the connection, and a client that is
+    gone is noticed), with no task per stream."""
 
-    Returns the position live events continue from: the replay's cursor, or, when the
-    stream closed meanwhile (timeout, token expiry, drain), the last event written (the
-    client resumes after it)."""
-    written: Envelope | None = None
-    async with contextlib.aclosing(replay.pages()) as pages:
-        async for page in pages:
-            if written is not None and outbox.closed is not None:
-                return EventId.parse(written.id)
-            await response.write(b"".join(sse.encode_envelope(envelope) for envelope in page))
-            written = page[-1]
-    return replay.cursor
+    def __init__(self) -> None:
+        self._open: set[Transport] = set()
 
+    def add(self, transport: Transport) -> None:
+        self._open.add(transport)
 
-async def _pump(
-    gateway: Gateway, response: EventSourceResponse, outbox: Outbox,
-    workspace: WorkspaceKey, cursor: EventId | None,
-) -> None:
-    """Write the outbox to the client until it closes.
+    def discard(self, transport: Transport) -> None:
+        self._open.discard(transport)
 
-    Live events queued during the replay may repeat replayed ones: they are skipped
-    until the first event after ``cursor``; from then on the feed's order holds.
-    """
-    delivered = gateway.metrics.events_delivered.labels(TRANSPORT)
-    skip_through = cursor
-    last_id = str(cursor) if cursor else ""
-    while True:
-        first = await outbox.next()
-        if isinstance(first, Closed):
-            await _finish(gateway, response, workspace, first, last_id)
-            return
-        # Whatever else is already queued goes out in the same write.
-        chunk: list[bytes] = []
-        for item in [first, *outbox.ready(WRITE_BATCH)]:
-            if isinstance(item, Resync):
-                reset = sync_envelope(workspace, SYNC_RESET, item.snapshot.id,
-                                      {"reason": "history_lost", "last_event_id": last_id})
-                chunk += [_frame(reset), _frame(item.snapshot)]
-                skip_through, last_id = EventId.parse(item.snapshot.id), item.snapshot.id
-                continue
-            if skip_through is not None:
-                if not is_after(item, skip_through):
-                    continue
-                skip_through = None
-            chunk.append(_frame(item))
-            last_id = item.id
-        if chunk:
-            await response.write(b"".join(chunk))
-            delivered.inc(len(chunk))
+    def ping(self) -> None:
+        for transport in tuple(self._open):
+            if not transport.behind:  # one that is behind has bytes on the way already
+                transport.send(transport.encoding.message(PING), 0)
+
+    def __len__(self) -> int:
+        return len(self._open)
 
 
-async def _finish(
-    gateway: Gateway, response: EventSourceResponse, workspace: WorkspaceKey,
-    closed: Closed, last_id: str,
-) -> None:
-    with contextlib.suppress(ConnectionResetError):
-        if closed.reason == "token_expired":
-            event = sync_envelope(workspace, SYNC_TOKEN_EXPIRED, last_id,
-                                  {"reason": "token_expired"})
-            await response.write(_frame(event))
-        elif closed.reason == "drain":
-            # Spread the reconnections of a drained node's clients over a few seconds.
-            jitter = random.randint(gateway.settings.retry_ms, gateway.settings.retry_ms * 3)
-            await response.write(sse.retry(jitter))
+STREAMS: Final = web.AppKey("sse_streams", Streams)
+
+
+async def keepalive(app: web.Application) -> AsyncIterator[None]:
+    """The node's one keep-alive loop for every stream (a ``cleanup_ctx``)."""
+    streams, interval = app[STREAMS], app[GATEWAY].settings.keepalive
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            streams.ping()
+
+    task = asyncio.create_task(loop(), name="sse keep-alive")
+    yield
+    await stop(task)
