@@ -10,8 +10,8 @@ from gateway.broker import HistoryGone
 from gateway.broker_memory import MemoryBroker
 from gateway.clock import ManualClock
 from gateway.hub import Hub
-from gateway.transports import SSE_CHUNKED
 from gateway.presence import session_join, session_leave
+from gateway.transports import SSE_CHUNKED
 from protocol.envelope import ZERO, Envelope, EventId, WorkspaceKey
 
 WS = WorkspaceKey("org-1", "ws-1")
