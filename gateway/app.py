@@ -66,7 +66,7 @@ def create_app(
         metrics=Metrics(),
     )
     app[ws.CONNECTIONS] = ws.Connections()
-    app[sse.STREAMS] = sse.Streams()
+    app[sse.STREAMS] = sse.Streams(settings.keepalive)
     app[health.LEAVING] = asyncio.Event()
     app.add_routes(
         [

@@ -8,7 +8,7 @@ import ipaddress
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
@@ -84,6 +84,20 @@ def _backend_name(url: str | None) -> str:
     return RedisUrl.parse(url).describe()
 
 
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory for ``uvloop`` (ImportError if it is not installed) and for
+    ``auto`` when it is installed; None for the stdlib loop."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    return uvloop.new_event_loop
+
+
 def serve(settings: Settings, *, dev: bool = False) -> int:
     """Run one node until SIGTERM/SIGINT. ``dev``: dev mode may listen beyond loopback."""
     from gateway.app import create_app, leave_on_sigterm
@@ -111,8 +125,15 @@ def serve(settings: Settings, *, dev: bool = False) -> int:
     leave_on_sigterm(app)
     from gateway.logs import AccessLogger
 
+    try:
+        loop_factory = event_loop_factory(settings.event_loop)
+    except ImportError:
+        print("serve: --event-loop uvloop needs uvloop: pip install -e \".[fast]\"", file=sys.stderr)
+        return 2
+    log.info("event loop", extra={"event_loop": "uvloop" if loop_factory else "asyncio"})
     web.run_app(
         app, host=settings.host, port=settings.port, access_log_class=AccessLogger,
+        loop=loop_factory() if loop_factory else asyncio.new_event_loop(),
         print=lambda *_: log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}"}),
         # Room for sockets to answer their close frame before the backend closes.
         shutdown_timeout=max(5.0, settings.ws_close_timeout + 2.0), handle_signals=True,

@@ -61,6 +61,9 @@ class Settings:
     shutdown_delay: float = 5.0
     log_format: str = "json"
     log_level: str = "INFO"
+    # The event loop ``serve`` runs: uvloop (``pip install -e ".[fast]"``) when installed
+    # ("auto"), or exactly "uvloop" / "asyncio" (the stdlib loop).
+    event_loop: str = "auto"
     # Set by ``serve`` when no secret or key is configured: tokens are minted with a
     # random secret printed at start-up. Never silently open.
     dev_mode: bool = False
@@ -79,6 +82,8 @@ class Settings:
                 raise ValueError(f"{name} must be positive")
         if self.shutdown_delay < 0:
             raise ValueError("shutdown_delay must be 0 or more")
+        if self.event_loop not in ("auto", "asyncio", "uvloop"):
+            raise ValueError("event_loop must be auto, asyncio or uvloop")
         if self.log_format not in ("json", "text"):
             raise ValueError("log_format must be json or text")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

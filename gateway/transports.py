@@ -107,6 +107,41 @@ SSE_PLAIN: Final = Encoding("sse", _identity, sse.encode_envelope)
 # -- one connection's bytes out ----------------------------------------------------------
 
 
+class _Watched(asyncio.Protocol):
+    """aiohttp's protocol for a connection, told first when the connection is lost."""
+
+    __slots__ = ("_lost", "inner")
+
+    def __init__(self, inner: asyncio.Protocol, lost: Callable[[], None]) -> None:
+        self.inner, self._lost = inner, lost
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost()
+        self.inner.connection_lost(exc)
+
+
+def on_connection_lost(socket: asyncio.Transport, lost: Callable[[], None]) -> Callable[[], None]:
+    """Call ``lost`` as soon as ``socket``'s connection is lost (an SSE client sends nothing
+    once its request is made: a write would otherwise be the first to notice it gone, up to
+    a keep-alive later). Returns what undoes it, for a connection that serves on."""
+    inner = socket.get_protocol()
+    assert isinstance(inner, asyncio.Protocol)
+    socket.set_protocol(_Watched(inner, lost))
+    return lambda: socket.set_protocol(inner)
+
+
 class Transport:
     """What a subscriber writes to: a connection's socket, its encoding and its fate.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11+) and install the gateway with its test and dev tools.
+# Create .venv (Python 3.11+) and install the gateway with its test and dev tools and uvloop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -9,7 +9,7 @@ fi
 stamp=.venv/.installed-$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[test,dev]"
+    .venv/bin/python -m pip install -q -e ".[test,dev,fast]"
     rm -f .venv/.installed-*
     touch "$stamp"
 fi

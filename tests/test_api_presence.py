@@ -184,6 +184,22 @@ async def test_open_stream_keeps_the_rest_session_then_grace(client, token, cloc
     assert left.envelope["data"] == {"user_id": "alice", "reason": "expired"}
 
 
+async def test_a_closed_stream_is_let_go_of_at_once_with_nothing_written_to_it(client, token):
+    """No event and no keep-alive is due (15 s): the node still notices the client gone, and
+    the user's stream hold ends (presence.left after the grace) without waiting for a write."""
+    _, observer = await watch(client, token)
+    mine = await client.get(f"{BASE}/stream", headers=auth(token("alice")))
+    await SSEReader(mine).next()
+    feed = client.app[GATEWAY].hub.existing_feed(KEY)
+    assert feed.subscriber_count == 2
+    mine.close()
+    async with asyncio.timeout(3):
+        while feed.subscriber_count != 1:  # noqa: ASYNC110 (the node changes on its own)
+            await asyncio.sleep(0.01)
+    text = await (await client.get("/metrics")).text()
+    assert 'gateway_connections{transport="sse"} 1.0' in text
+
+
 async def test_reconnect_within_grace_shows_no_flicker(client, token, clock):
     _, observer = await watch(client, token)
     first = await client.get(f"{BASE}/stream", headers=auth(token("alice")))

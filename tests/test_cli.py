@@ -9,6 +9,7 @@ import sys
 import time
 
 import jwt
+import pytest
 
 from tests.processes import ROOT, free_port, http, run_cli, serve
 
@@ -181,3 +182,24 @@ def test_serve_refuses_a_negative_shutdown_delay():
     result = run_cli("serve", "--shutdown-delay", "-1")
     assert result.returncode == 2
     assert "shutdown_delay" in result.stderr
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_serve_runs_on_the_event_loop_asked_for(event_loop):
+    if event_loop == "uvloop":
+        pytest.importorskip("uvloop")  # the [fast] extra
+    secret = "c" * 40
+    with serve("--event-loop", event_loop,
+               env={"GATEWAY_JWT_SECRET": secret, **NO_DELAY}) as (process, port):
+        token = run_cli("token", "--sub", "u1", "--org", "o1", "--workspace", "w1",
+                        "--jwt-secret", secret).stdout.strip()
+        status, _ = http("POST", f"http://127.0.0.1:{port}/v1/orgs/o1/workspaces/w1/sync/presence/join",
+                         token)
+        assert status == 200
+    assert process.stderr is not None
+    assert f'"event_loop": "{event_loop}"' in process.stderr.read()
+
+
+def test_serve_refuses_an_unknown_event_loop():
+    result = run_cli("serve", "--event-loop", "trio")
+    assert result.returncode == 2 and "event_loop must be auto, asyncio or uvloop" in result.stderr

@@ -12,7 +12,7 @@ from gateway.handlers.common import GATEWAY
 from protocol.envelope import WorkspaceKey
 from protocol.sse import encode_envelope, frame
 from tests.conftest import BASE, ORG, WORKSPACE, auth, make_broker
-from tests.sse_client import SSEReader
+from tests.sse_client import SSEReader, parse_block
 
 STREAM = f"{BASE}/stream"
 KEY = WorkspaceKey(ORG, WORKSPACE)
@@ -309,6 +309,34 @@ async def test_non_utf8_last_event_id_gets_a_clean_reset(client, token):
     assert received.startswith(b"HTTP/1.1 200")
     assert received.count(b"HTTP/1.1") == 1
     assert b"event: sync.reset" in received
+
+
+async def test_an_http_1_0_client_gets_the_stream_unchunked_until_it_ends(client, token, clock):
+    """HTTP/1.0 has no chunked encoding: the same events, as plain bytes, and the end of
+    the stream is the end of the connection."""
+    host, port = client.server.host, client.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET {STREAM}?timeout=60 HTTP/1.0\r\nHost: {host}\r\n"
+                 f"Authorization: Bearer {token()}\r\n\r\n".encode())
+    await writer.drain()
+    received = b""
+    async with asyncio.timeout(5):
+        while b"event: sync.snapshot" not in received:
+            chunk = await reader.read(65536)
+            assert chunk, received
+            received += chunk
+    [published] = await publish(client, token(), 1)
+    clock.advance(61)
+    async with asyncio.timeout(5):
+        received += await reader.read()  # to the end of the connection
+    writer.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"Transfer-Encoding" not in head
+    assert b"text/event-stream" in head
+    assert body.startswith(b"retry: 3000\n\nid: ")
+    events = [parse_block(block + b"\n\n") for block in body.split(b"\n\n")[1:-1]]
+    assert [e.event for e in events] == ["sync.snapshot", "doc.updated"]
+    assert events[1].id == published["id"]
 
 
 async def test_slow_consumer_is_counted(app_factory, settings, token):

@@ -13,18 +13,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 from aiohttp import HttpVersion11, web
 
 from gateway.auth import SYNC_READ, Identity, bearer_token
 from gateway.core import Gateway
-from gateway.handlers.common import GATEWAY, gateway_of, parse, query_of, workspace_of
+from gateway.handlers.common import gateway_of, parse, query_of, workspace_of
 from gateway.handlers.params import StreamQuery
 from gateway.hub import Replay, Subscriber, sync_envelope
 from gateway.tasks import stop
-from gateway.transports import DISCONNECTED, OVERFLOW, SSE_CHUNKED, SSE_PLAIN, Transport
+from gateway.transports import (
+    DISCONNECTED,
+    OVERFLOW,
+    SSE_CHUNKED,
+    SSE_PLAIN,
+    Transport,
+    on_connection_lost,
+)
 from protocol import sse
 from protocol.envelope import SYNC_TOKEN_EXPIRED, WorkspaceKey
 from protocol.errors import ApiError
@@ -98,6 +105,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     streams = request.app[STREAMS]
     response: web.StreamResponse | None = None
     ending = None
+    unwatch: Callable[[], None] | None = None
     held = False
     try:
         replay = await Replay(gateway.broker, feed, subscriber, snapshot, since).start()
@@ -108,6 +116,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
             response.enable_chunked_encoding()
         await response.prepare(request)  # the headers are written: events go straight after
         metrics.connections.labels(TRANSPORT).inc()
+        unwatch = on_connection_lost(socket, lambda: transport.close(DISCONNECTED))
         streams.add(transport)
         deadline = gateway.clock.now() + query.timeout
         token_end = identity.expires_at + settings.jwt_leeway
@@ -126,6 +135,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     finally:
         feed.detach(subscriber)
         transport.close(DISCONNECTED)  # (when not closed for a reason already)
+        if unwatch is not None:
+            unwatch()
         if ending is not None:
             ending.cancel()
         streams.discard(transport)
@@ -137,26 +148,34 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 
 class Streams:
-    """The node's open streams, kept alive by one timer for all: a comment line every
-    ``keepalive`` seconds to each (so proxies keep the connection, and a client that is
-    gone is noticed), with no task per stream."""
+    """The node's open streams, kept alive by one loop for all (no task per stream): a
+    comment line to each ``keepalive`` seconds after it opened or was last pinged, so
+    proxies keep the connection and a client that is gone is noticed. The pings (and the
+    ends of streams whose client is gone) are spread as the streams opened, not made all
+    at once."""
 
-    def __init__(self) -> None:
-        self._open: set[Transport] = set()
+    def __init__(self, keepalive: float) -> None:
+        self.keepalive = keepalive
+        self._due: dict[Transport, float] = {}  # in due order: each is appended when due
 
     def add(self, transport: Transport) -> None:
-        self._open.add(transport)
+        self._due[transport] = asyncio.get_running_loop().time() + self.keepalive
 
     def discard(self, transport: Transport) -> None:
-        self._open.discard(transport)
+        self._due.pop(transport, None)
 
-    def ping(self) -> None:
-        for transport in tuple(self._open):
+    def ping_due(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for transport, due in list(self._due.items()):
+            if due > now:
+                break
+            del self._due[transport]
+            self._due[transport] = now + self.keepalive
             if not transport.behind:  # one that is behind has bytes on the way already
                 transport.send(transport.encoding.message(PING), 0)
 
     def __len__(self) -> int:
-        return len(self._open)
+        return len(self._due)
 
 
 STREAMS: Final = web.AppKey("sse_streams", Streams)
@@ -164,12 +183,13 @@ STREAMS: Final = web.AppKey("sse_streams", Streams)
 
 async def keepalive(app: web.Application) -> AsyncIterator[None]:
     """The node's one keep-alive loop for every stream (a ``cleanup_ctx``)."""
-    streams, interval = app[STREAMS], app[GATEWAY].settings.keepalive
+    streams = app[STREAMS]
+    tick = min(1.0, streams.keepalive / 4)  # a ping is at most a tick late
 
     async def loop() -> None:
         while True:
-            await asyncio.sleep(interval)
-            streams.ping()
+            await asyncio.sleep(tick)
+            streams.ping_due()
 
     task = asyncio.create_task(loop(), name="sse keep-alive")
     yield
