@@ -96,7 +96,7 @@ class Subscriber:
         self.transport = transport
         self.delivered = delivered  # the events_delivered counter of its transport kind
         self._limit = limit
-        self._waiting: deque[Envelope | Resync] = deque()
+        self._waiting: deque[Envelope | Resync] | None = deque()  # None once live
         self._live = False
         self.holding = False
         self.lagged = False
@@ -133,7 +133,8 @@ class Subscriber:
 
     def drop(self) -> None:
         """Forget what waits (a replay starts over from a fresh snapshot)."""
-        self._waiting.clear()
+        if self._waiting is not None:
+            self._waiting.clear()
         self.lagged = False
 
     def go_live(self, cursor: EventId | None) -> None:
@@ -141,9 +142,10 @@ class Subscriber:
         later batch as it comes."""
         self._skip_through = cursor
         self._live = True
+        waiting, self._waiting = self._waiting or deque(), None
         batch: list[Envelope] = []
-        while self._waiting and self.closed is None:
-            item = self._waiting.popleft()
+        while waiting and self.closed is None:
+            item = waiting.popleft()
             if isinstance(item, Envelope):
                 batch.append(item)
                 continue
@@ -170,6 +172,7 @@ class Subscriber:
         return True
 
     def _wait(self, items: Iterable[Envelope | Resync]) -> None:
+        assert self._waiting is not None  # (not live)
         self._waiting.extend(items)
         if len(self._waiting) > self._limit:
             self._waiting.clear()

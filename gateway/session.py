@@ -52,6 +52,8 @@ TRANSPORT: Final = "ws"
 class TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved; ``take`` spends one if there is one."""
 
+    __slots__ = ("_at", "_burst", "_rate", "_tokens")
+
     def __init__(self, rate: float, burst: int, now: float) -> None:
         self._rate = rate
         self._burst = float(burst)
@@ -82,6 +84,10 @@ class Session:
     close with a reason and farewell frames.
     """
 
+    __slots__ = ("_bucket", "_delivered", "_home", "_strikes", "_timer", "codec", "gateway",
+                 "identity", "joined", "replays", "session_id", "settings", "subscriptions",
+                 "transport")
+
     def __init__(self, gateway: Gateway, transport: Transport, codec: Codec,
                  identity: Identity | None) -> None:
         self.gateway = gateway
@@ -98,8 +104,8 @@ class Session:
         self._timer: Timer | None = None
         self._home: tuple[WorkspaceKey, str | None] | None = None
         # One replay read at a time per socket: a client resuming many workspaces at once
-        # makes the node hold one page for it, not one per subscription.
-        self.replays = asyncio.Lock()
+        # makes the node hold one page for it, not one per subscription. (Made at the first.)
+        self.replays: asyncio.Lock | None = None
         self._delivered = gateway.metrics.events_delivered.labels(TRANSPORT)
 
     async def start(self, workspace: WorkspaceKey | None, since: str | None) -> None:
@@ -238,6 +244,8 @@ class Session:
 
     async def _replay(self, subscriber: Subscriber, replay: Replay) -> None:
         """Write the replay at the client's pace (never an overflow), then go live."""
+        if self.replays is None:
+            self.replays = asyncio.Lock()
         try:
             async with self.replays:
                 await subscriber.replay(replay)

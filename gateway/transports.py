@@ -176,7 +176,7 @@ class Transport:
         self._protocol = protocol
         self.encoding = encoding
         self._limit = limit
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[bytes] | None = None  # made when first behind
         self._queued = 0  # frames in the queue (keep-alives count none)
         self._writer: asyncio.Task[None] | None = None
         self.closed: str | None = None  # why, once closed
@@ -204,6 +204,8 @@ class Transport:
         if frames and self._queued + frames > self._limit:
             self.close(OVERFLOW)
             return False
+        if self._queue is None:
+            self._queue = deque()
         self._queue.append(data)
         self._queued += frames
         if self._writer is None:
@@ -225,20 +227,22 @@ class Transport:
         self.closed = reason
         more = self._on_close(reason) if self._on_close is not None else None
         if reason in _ABRUPT:
-            self._queue.clear()
+            self._queue = None
             self._queued = 0
             if self._writer is not None:
                 self._writer.cancel()
             self._finish()
             return
-        for last in (farewell, more):
-            if last:
-                self._queue.append(last)
+        last = [data for data in (farewell, more) if data]
+        if last:
+            if self._queue is None:
+                self._queue = deque()
+            self._queue.extend(last)
         if not self._queue:
             self._finish()
         elif self._writer is None and not self._protocol.writing_paused:
             self._write(b"".join(self._queue))
-            self._queue.clear()
+            self._queue = None
             self._finish()
         else:  # written when the socket drains, if the client reads in time
             self._cut = asyncio.get_running_loop().call_later(self.grace, self.abort)
@@ -253,7 +257,7 @@ class Transport:
         if self.closed is None:
             self.close(DISCONNECTED)
         else:
-            self._queue.clear()
+            self._queue = None
             self._finish()
 
     async def wait_closed(self) -> None:
@@ -304,7 +308,7 @@ class Transport:
                 if not self._queue:
                     break
                 data = b"".join(self._queue)
-                self._queue.clear()
+                self._queue = None
                 self._queued = 0
                 self._write(data)
         except Exception:
