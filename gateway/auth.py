@@ -8,6 +8,7 @@ permission is 403 with ``required_permission``.
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 import time
@@ -120,6 +121,9 @@ def load_public_key(algorithm: str, path: Path) -> Any:
     return key
 
 
+VERIFIED_CACHE: Final = 1_024
+
+
 class TokenVerifier:
     """Verifies bearer JWTs with one pinned algorithm and key; never trusts the header's ``alg``."""
 
@@ -137,9 +141,23 @@ class TokenVerifier:
         self._issuer = settings.jwt_issuer
         self._leeway = settings.jwt_leeway
         self._now = clock_now
+        # A client sends the same token with every request (a publishing service, many a
+        # second): its signature and claims are checked once, its times at every use.
+        # Only tokens that passed are kept (errors are not cached), at most VERIFIED_CACHE.
+        self._checked = functools.lru_cache(maxsize=VERIFIED_CACHE)(self._check)
 
     def verify(self, token: str) -> Identity:
         """The identity of a valid token; raises 401 ``ApiError`` for anything else."""
+        identity, nbf = self._checked(token)
+        now = self._now()
+        if now > identity.expires_at + self._leeway:
+            raise authentication_failed("token expired")
+        if nbf is not None and (not isinstance(nbf, (int, float)) or now + self._leeway < nbf):
+            raise authentication_failed("token not yet valid")
+        return identity
+
+    def _check(self, token: str) -> tuple[Identity, Any]:
+        """The signature, the claims and their types: what does not change with time."""
         try:
             claims = jwt.decode(
                 token,
@@ -163,13 +181,9 @@ class TokenVerifier:
             raise authentication_failed("wrong issuer") from exc
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise authentication_failed("invalid token") from exc
-        now = self._now()
-        exp, nbf = claims.get("exp"), claims.get("nbf")
-        if not isinstance(exp, (int, float)) or now > exp + self._leeway:
+        if not isinstance(claims.get("exp"), (int, float)):
             raise authentication_failed("token expired")
-        if nbf is not None and (not isinstance(nbf, (int, float)) or now + self._leeway < nbf):
-            raise authentication_failed("token not yet valid")
-        return identity_from_claims(claims)
+        return identity_from_claims(claims), claims.get("nbf")
 
 
 def bearer_token(header: str | None) -> str:

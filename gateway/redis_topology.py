@@ -29,6 +29,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 
 from gateway.tasks import Backoff, raise_if_cancelled, stop
 
@@ -343,7 +344,20 @@ class RedisClients:
             return list(await asyncio.gather(
                 *(script(keys=keys, args=args) for keys, args in calls), return_exceptions=True
             ))
+        results = await self._evalsha(script, calls)
+        if any(isinstance(result, NoScriptError) for result in results):
+            # Redis lost its scripts (a restart, a failover): load it, run the batch again
+            # (what runs here is idempotent: read.lua).
+            await self.commands.script_load(script.script)
+            results = await self._evalsha(script, calls)
+        return results
+
+    async def _evalsha(
+        self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        # By hand: a script registered on a pipeline makes redis-py send SCRIPT EXISTS before
+        # every execute, a second round trip per batch.
         async with self.commands.pipeline(transaction=False) as pipe:
             for keys, args in calls:
-                await script(keys=keys, args=args, client=pipe)
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))

@@ -88,6 +88,36 @@ async def test_expiry_has_a_small_leeway(client, clock):
     assert await status_with(client, token) == 200
 
 
+async def test_a_token_checked_once_is_still_judged_by_the_clock_at_every_use(client, clock):
+    """Tokens are verified once and remembered (a publisher sends the same one each time);
+    their time limits are not: the same token is refused once expired, and accepted only
+    from its nbf."""
+    token = jwt.encode(claims(clock, exp=int(clock.now()) + 60), SECRET, algorithm="HS256")
+    assert await status_with(client, token) == 200
+    assert await status_with(client, token) == 200
+    clock.advance(71)  # past exp + the 10 s leeway
+    response = await client.post(JOIN, headers=auth(token))
+    assert response.status == 401
+    assert 'error_description="token expired"' in response.headers["WWW-Authenticate"]
+    early = jwt.encode(claims(clock, nbf=int(clock.now()) + 600), SECRET, algorithm="HS256")
+    assert await status_with(client, early) == 401
+    clock.advance(600)
+    assert await status_with(client, early) == 200
+
+
+async def test_only_tokens_that_passed_are_remembered_and_few_of_them(client, clock):
+    from gateway.auth import VERIFIED_CACHE
+    from gateway.handlers.common import GATEWAY
+
+    checked = client.app[GATEWAY].verifier._checked
+    before = checked.cache_info().currsize
+    for n in range(5):
+        forged = jwt.encode(claims(clock, sub=f"u{n}"), "not the secret" * 3, algorithm="HS256")
+        assert await status_with(client, forged) == 401
+    assert checked.cache_info().currsize == before
+    assert checked.cache_info().maxsize == VERIFIED_CACHE
+
+
 async def test_token_without_exp_is_refused(client, clock):
     assert await status_with(client, jwt.encode(claims(clock, exp=None), SECRET,
                                                 algorithm="HS256")) == 401

@@ -245,3 +245,42 @@ async def test_a_thousand_concurrent_changes_of_one_user_all_succeed(
     log = await a.read_after(WS, start, 5000)
     # Exactly one event per transition: joined when the first appeared, left with the last.
     assert [event.type for event in log] == ["presence.joined", "presence.left"]
+
+
+async def _script_exists_calls(raw: Redis) -> int:
+    stats = await raw.info("commandstats")
+    return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+
+async def test_a_batch_read_is_one_round_trip_and_survives_lost_scripts(
+    nodes: Callable[..., Any], raw: Redis
+) -> None:
+    """Following reads with EVALSHA in one pipeline: no SCRIPT EXISTS before each batch (redis-py
+    asks it for a script registered on a pipeline), and a Redis that lost its scripts (a
+    restart, a failover, SCRIPT FLUSH) is given the script again, missing no event."""
+    broker: RedisBroker = await nodes("node-a")
+    start = (await broker.presence_snapshot(WS)).position
+    got: list[Envelope] = []
+
+    async def follow() -> None:
+        async for batch in tail(broker, WS, start):
+            got.extend(batch)
+
+    async def until(count: int) -> None:
+        async with asyncio.timeout(10):
+            while len(got) < count:  # noqa: ASYNC110 (filled by the follower task)
+                await asyncio.sleep(0.01)
+
+    follower = asyncio.create_task(follow())
+    try:
+        before = await _script_exists_calls(raw)
+        sent = [await broker.append(WS, "doc.updated", actor("svc"), {"n": n}) for n in range(20)]
+        await until(20)
+        assert await _script_exists_calls(raw) == before
+        await raw.script_flush()
+        sent += [await broker.append(WS, "doc.updated", actor("svc"), {"n": n})
+                 for n in range(20, 30)]
+        await until(30)
+        assert got == sent
+    finally:
+        follower.cancel()
