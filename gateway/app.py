@@ -81,7 +81,7 @@ def create_app(
             web.get("/readyz", health.readyz),
             web.get("/metrics", health.metrics),
             web.get("/v1/sync/ws", ws.socket),
-            web.get(f"{WORKSPACE}/sync/ws", ws.workspace_socket),
+            web.get(f"{WORKSPACE}/sync/ws", ws.socket),
         ]
     )
     cors.setup_cors(app)

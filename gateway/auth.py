@@ -72,8 +72,15 @@ class Identity:
 
 def _strings(value: Any) -> frozenset[str] | None:
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return frozenset(value)
+        return _shared(tuple(value))
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _shared(items: tuple[str, ...]) -> frozenset[str]:
+    """One frozenset for the same permissions (or workspaces) of many tokens: an idle
+    connection keeps its identity for its whole life."""
+    return frozenset(items)
 
 
 def identity_from_claims(claims: dict[str, Any]) -> Identity:

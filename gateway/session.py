@@ -97,7 +97,7 @@ class Session:
         self.identity = identity
         self.session_id = f"ws-{secrets.token_hex(8)}"
         self.subscriptions: dict[WorkspaceKey, Subscriber] = {}
-        self.joined: set[WorkspaceKey] = set()
+        self.joined: set[WorkspaceKey] = set()  # (a set per socket: few sockets join)
         self._bucket = TokenBucket(self.settings.ws_rate_limit, self.settings.ws_rate_burst,
                                    gateway.clock.now())
         self._strikes = 0

@@ -27,7 +27,6 @@ from gateway.handlers.common import gateway_of, workspace_of
 from gateway.origins import origin_allowed
 from gateway.session import TRANSPORT, Session
 from gateway.transports import OVERFLOW, WS_ENCODINGS, Transport
-from protocol.envelope import WorkspaceKey
 from protocol.errors import ApiError
 from protocol.ws import SUBPROTOCOLS, CloseCode, codec_for
 
@@ -60,16 +59,10 @@ def check_origin(origins: list[str], allowed: tuple[str, ...]) -> None:
 
 
 async def socket(request: web.Request) -> web.StreamResponse:
-    """``GET /v1/sync/ws``: subscribe to workspaces with ``subscribe`` messages."""
-    return await _serve(request, None)
-
-
-async def workspace_socket(request: web.Request) -> web.StreamResponse:
-    """``GET .../sync/ws[?since=<id>]``: also subscribes to the path's workspace once authenticated."""
-    return await _serve(request, workspace_of(request))
-
-
-async def _serve(request: web.Request, workspace: WorkspaceKey | None) -> web.StreamResponse:
+    """``GET /v1/sync/ws``: subscribe to workspaces with ``subscribe`` messages.
+    ``GET .../sync/ws[?since=<id>]``: also subscribes to the path's workspace once
+    authenticated. (One handler for both: a wrapper's frame would live as long as the socket.)"""
+    workspace = workspace_of(request) if "workspace_id" in request.match_info else None
     gateway = gateway_of(request)
     settings = gateway.settings
     ws = web.WebSocketResponse(
