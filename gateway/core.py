@@ -61,10 +61,12 @@ class Gateway:
     holdings: LocalHoldings = field(default_factory=LocalHoldings)
     gate: Gate = field(default_factory=Gate)
     _reassert_task: asyncio.Task[None] | None = None
+    _promotions: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.metrics.presence_members.set_function(self.hub.member_count)
         self.metrics.presence_sessions.set_function(lambda: len(self.holdings))
+        self.hub.on_present = self._present
 
     @property
     def node_id(self) -> str:
@@ -191,17 +193,50 @@ class Gateway:
         )
 
     async def stream_opened(self, identity: Identity, workspace: WorkspaceKey) -> None:
+        """Hold the user's REST session while the stream is open. A user who is not present
+        has none to hold: the hold is deferred (no backend write, so opening a stream costs
+        what a WebSocket subscription does) until the feed shows the user present."""
+        feed = self.hub.existing_feed(workspace)
+        if feed is not None and identity.user_id not in feed.replica.members:
+            self.holdings.stream_deferred(workspace, identity.user_id, identity.actor)
+            return
         await self._change(
             workspace, identity, stream_opened(identity.user_id, identity.actor, self.node_id),
             held=lambda: self.holdings.stream_opened(workspace, identity.user_id, identity.actor),
         )
 
     async def stream_closed(self, identity: Identity, workspace: WorkspaceKey) -> None:
+        if self.holdings.close_deferred(workspace, identity.user_id):
+            return
         with contextlib.suppress(BackendUnavailable):  # corrected by the re-assertion it schedules
             await self._change(
                 workspace, identity, stream_closed(self.node_id, self.settings.disconnect_grace),
                 released=lambda: self.holdings.stream_closed(workspace, identity.user_id),
             )
+
+    def _present(self, workspace: WorkspaceKey, user_id: str) -> None:
+        """The feed shows ``user_id`` present (joined, or in a fresh snapshot): write the
+        holds of their deferred streams, so that their REST session lives while they stream."""
+        holding = self.holdings.get(workspace, user_id)
+        if holding is None or not holding.deferred:
+            return
+        count = self.holdings.promote(workspace, user_id)  # at once: a close now writes -1
+        task = asyncio.get_running_loop().create_task(
+            self._write_promoted(workspace, user_id, holding.actor, count),
+            name=f"stream hold {workspace}")
+        self._promotions.add(task)
+        task.add_done_callback(self._promotions.discard)
+
+    async def _write_promoted(self, workspace: WorkspaceKey, user_id: str,
+                              actor: dict[str, Any], count: int) -> None:
+        try:
+            async with self.gate.shared():
+                for _ in range(count):
+                    await self.broker.change_presence(
+                        workspace, user_id, stream_opened(user_id, actor, self.node_id))
+        except Exception:
+            # The holdings already count them: a re-assertion writes what they say.
+            self.reassert_soon()
 
     async def reassert(self) -> None:
         """Make the backend show exactly what this node holds: its open streams and sockets
@@ -237,6 +272,8 @@ class Gateway:
     async def close(self) -> None:
         task, self._reassert_task = self._reassert_task, None
         await stop(task)
+        for promotion in tuple(self._promotions):
+            await stop(promotion)
 
     async def presence(
         self, workspace: WorkspaceKey, resource: Resource | None = None

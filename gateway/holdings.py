@@ -26,15 +26,18 @@ from protocol.envelope import WorkspaceKey
 @dataclass(slots=True)
 class Holding:
     actor: dict[str, Any]
-    streams: int = 0
+    streams: int = 0  # open streams the backend's record counts for this node
     sessions: dict[str, Resource | None] = field(default_factory=dict)
     rest: Session | None = None
+    # Open streams of a user who was not present when they opened: a stream only keeps a
+    # REST session alive, so none is written until the user is present (``promote``).
+    deferred: int = 0
 
     def held(self) -> tuple[int, Mapping[str, Resource | None], Session | None]:
         return self.streams, dict(self.sessions), self.rest
 
     def empty(self) -> bool:
-        return not self.streams and not self.sessions
+        return not self.streams and not self.sessions and not self.deferred
 
 
 class LocalHoldings:
@@ -61,6 +64,28 @@ class LocalHoldings:
 
     def stream_opened(self, workspace: WorkspaceKey, user_id: str, actor: dict[str, Any]) -> None:
         self._get(workspace, user_id, actor).streams += 1
+
+    def stream_deferred(self, workspace: WorkspaceKey, user_id: str, actor: dict[str, Any]) -> None:
+        self._get(workspace, user_id, actor).deferred += 1
+
+    def close_deferred(self, workspace: WorkspaceKey, user_id: str) -> bool:
+        """Close a deferred stream of the user if there is one (nothing to write then)."""
+        holding = self._items.get((workspace, user_id))
+        if holding is None or not holding.deferred:
+            return False
+        holding.deferred -= 1
+        self._forget_if_empty(workspace, user_id)
+        return True
+
+    def promote(self, workspace: WorkspaceKey, user_id: str) -> int:
+        """The user is present: their deferred streams count as written from now on (the
+        caller writes them); how many."""
+        holding = self._items.get((workspace, user_id))
+        if holding is None:
+            return 0
+        count, holding.deferred = holding.deferred, 0
+        holding.streams += count
+        return count
 
     def stream_closed(self, workspace: WorkspaceKey, user_id: str) -> None:
         holding = self._items.get((workspace, user_id))
@@ -90,7 +115,9 @@ class LocalHoldings:
             holding.rest = record.session(REST_SESSION) if record is not None else None
 
     def keys(self) -> set[tuple[WorkspaceKey, str]]:
-        return set(self._items)
+        """The pairs the backend should show something of (not deferred streams alone)."""
+        return {key for key, holding in self._items.items()
+                if holding.streams or holding.sessions}
 
     def __len__(self) -> int:
         return len(self._items)

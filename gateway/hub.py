@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -26,6 +26,7 @@ from gateway.presence import Replica, Resource
 from gateway.tasks import Backoff, stop
 from gateway.transports import OVERFLOW, Transport
 from protocol.envelope import (
+    PRESENCE_JOINED,
     SYNC_RESET,
     SYNC_SNAPSHOT,
     ZERO,
@@ -229,8 +230,10 @@ class Feed:
     lost history the feed had not received, it resyncs from a fresh snapshot and every
     subscriber is reset to it."""
 
-    def __init__(self, broker: Broker, workspace: WorkspaceKey, snapshot: Snapshot) -> None:
+    def __init__(self, broker: Broker, workspace: WorkspaceKey, snapshot: Snapshot,
+                 on_present: Callable[[WorkspaceKey, str], None] | None = None) -> None:
         self.workspace = workspace
+        self._on_present = on_present
         self.replica = Replica(snapshot.members, snapshot.position)
         self._broker = broker
         self._subscribers: set[Subscriber] = set()
@@ -302,6 +305,8 @@ class Feed:
     def deliver(self, batch: list[Envelope]) -> None:
         for envelope in batch:
             self.replica.apply(envelope)
+            if envelope.type == PRESENCE_JOINED and self._on_present is not None:
+                self._on_present(self.workspace, envelope.data["user_id"])
         written: dict[Counter, int] = {}  # one metrics update per kind of transport
         for subscriber in tuple(self._subscribers):
             frames = subscriber.deliver(batch)
@@ -330,6 +335,9 @@ class Feed:
                     log.exception("feed resync failed; retrying", extra={"workspace": str(self.workspace)})
                 await backoff.pause()
         self.replica = Replica(snapshot.members, snapshot.position)
+        if self._on_present is not None:  # joins it may not have seen
+            for user_id in tuple(self.replica.members):
+                self._on_present(self.workspace, user_id)
         fresh = self.snapshot_envelope()
         for subscriber in tuple(self._subscribers):
             subscriber.resync(fresh)
@@ -355,6 +363,8 @@ class Hub:
         self._broker = broker
         self._feeds: dict[WorkspaceKey, Feed] = {}
         self._creating: dict[WorkspaceKey, asyncio.Lock] = {}
+        # Told when a feed shows a user present (a join, or a resync's snapshot).
+        self.on_present: Callable[[WorkspaceKey, str], None] | None = None
 
     async def feed(self, workspace: WorkspaceKey) -> Feed:
         feed = self._feeds.get(workspace)
@@ -369,11 +379,16 @@ class Hub:
                     # A creation under a newer lock (this one's creator failed) may have won.
                     feed = self._feeds.get(workspace)
                     if feed is None:
-                        feed = self._feeds[workspace] = Feed(self._broker, workspace, snapshot)
+                        feed = self._feeds[workspace] = Feed(
+                            self._broker, workspace, snapshot, self._present)
         finally:  # also when the snapshot failed: a lock per workspace ever asked is a leak
             if self._creating.get(workspace) is lock:
                 del self._creating[workspace]
         return feed
+
+    def _present(self, workspace: WorkspaceKey, user_id: str) -> None:
+        if self.on_present is not None:
+            self.on_present(workspace, user_id)
 
     def existing_feed(self, workspace: WorkspaceKey) -> Feed | None:
         return self._feeds.get(workspace)

@@ -415,7 +415,7 @@ class Replica:
             self.members[envelope.data["user_id"]] = envelope.data
         elif envelope.type == PRESENCE_LEFT:
             self.members.pop(str(envelope.data.get("user_id")), None)
-        self.position = EventId.parse(envelope.id)
+        self.position = envelope.event_id
 
     def snapshot(self, resource: Resource | None = None) -> dict[str, Any]:
         members = sorted(self.members.values(), key=lambda m: m["user_id"])

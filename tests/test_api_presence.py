@@ -321,3 +321,66 @@ async def test_feeds_made_for_presence_reads_are_let_go(client, token):
     assert all(hub.existing_feed(WorkspaceKey(ORG, f"w{n}")) for n in range(5))
     await hub.reap_idle(0)
     assert not any(hub.existing_feed(WorkspaceKey(ORG, f"w{n}")) for n in range(5))
+
+
+# -- a stream of a user who is not present defers its hold ----------------------------------
+
+
+async def test_a_stream_of_a_user_who_is_not_present_writes_nothing_to_the_backend(
+    app_factory, settings, token, broker
+):
+    """An open stream only keeps a REST session alive: for a user who has none (not present),
+    opening and closing it changes nothing in the backend, and costs no write."""
+    client = await app_factory(settings, broker=broker)
+    _, observer = await watch(client, token)
+    writes = []
+    change_presence = broker.change_presence
+
+    async def counting(*args, **kwargs):
+        writes.append(args[:2])
+        return await change_presence(*args, **kwargs)
+
+    broker.change_presence = counting
+    try:
+        streams = [await client.get(f"{BASE}/stream", headers=auth(token("bob")))
+                   for _ in range(2)]
+        for stream in streams:
+            assert (await SSEReader(stream).next()).event == "sync.snapshot"
+        for left, stream in enumerate(streams, start=1):
+            await close_and_wait(client, token, stream, subscribers_left=3 - left)
+        assert writes == []
+        assert client.app[GATEWAY].holdings.get(KEY, "bob") is None
+    finally:
+        broker.change_presence = change_presence
+    await client.post(f"{BASE}/events", json={"type": "x.done"}, headers=auth(token()))
+    assert (await next_presence(observer)).event == "x.done"  # no presence event meanwhile
+
+
+async def test_a_stream_opened_before_the_user_joins_on_another_node_keeps_the_session(
+    app_factory, settings, token, clock, broker
+):
+    """The deferred hold is written once the stream's node sees the user present, however
+    they joined; from then on it keeps the REST session alive, and its close ends it after
+    the grace, as any stream's."""
+    node_a = await app_factory(replace(settings, node_id="node-a"), broker=broker)
+    node_b = await app_factory(replace(settings, node_id="node-b"), broker=broker)
+    _, observer = await watch(node_a, token)
+    mine = await node_a.get(f"{BASE}/stream", headers=auth(token("alice")))
+    await SSEReader(mine).next()
+    assert (await node_b.post(f"{BASE}/presence/join", headers=auth(token("alice")))).status == 200
+    assert (await observer.next()).event == "presence.joined"
+    holdings = node_a.app[GATEWAY].holdings
+    async with asyncio.timeout(5):  # the hold is written in the background
+        while (holding := holdings.get(KEY, "alice")) is None or holding.streams != 1 \
+                or node_a.app[GATEWAY]._promotions:  # noqa: ASYNC110 (the node writes it)
+            await asyncio.sleep(0.01)
+    clock.advance(300)  # ten TTLs: the stream keeps alice present
+    await broker.sweep()
+    assert "alice" in (await broker.presence_snapshot(KEY)).members
+    await close_and_wait(node_a, token, mine, subscribers_left=1)
+    clock.advance(settings.disconnect_grace + 1)
+    await broker.sweep()
+    assert "alice" not in (await broker.presence_snapshot(KEY)).members
+    left = await next_presence(observer)
+    assert left.event == "presence.left"
+    assert left.envelope["data"] == {"user_id": "alice", "reason": "expired"}
