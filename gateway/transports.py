@@ -238,16 +238,17 @@ class Transport:
             if self._queue is None:
                 self._queue = deque()
             self._queue.extend(last)
-        if not self._queue:
+        if self._writer is None and not self._protocol.writing_paused:
+            if self._queue:
+                self._write(b"".join(self._queue))
+                self._queue = None
             self._finish()
-        elif self._writer is None and not self._protocol.writing_paused:
-            self._write(b"".join(self._queue))
-            self._queue = None
-            self._finish()
-        else:  # written when the socket drains, if the client reads in time
-            self._cut = asyncio.get_running_loop().call_later(self.grace, self.abort)
-            if self._writer is None:
-                self._writer = asyncio.get_running_loop().create_task(self._write_behind())
+            return
+        # Written (and drained) when the client reads, if it does in time: the connection
+        # may then serve another request; otherwise it is cut, with nothing left behind.
+        self._cut = asyncio.get_running_loop().call_later(self.grace, self.abort)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_behind())
 
     def abort(self) -> None:
         """Cut the connection at once (nothing more is written)."""
@@ -261,7 +262,7 @@ class Transport:
             self._finish()
 
     async def wait_closed(self) -> None:
-        """Return once closed and what was to be written is written (or cut)."""
+        """Return once closed and what was to be written is written and drained (or cut)."""
         if self._finished is None:
             self._finished = asyncio.get_running_loop().create_future()
             if self.closed is not None and self._writer is None and not self._queue:
@@ -301,16 +302,16 @@ class Transport:
 
     async def _write_behind(self) -> None:
         """Write the queue out, a batch per drain, until it is empty (then this task ends:
-        a connection that keeps up has none)."""
+        a connection that keeps up has none); once closed, until the socket has drained."""
         try:
-            while self._queue:
+            while self._queue or (self.closed is not None and self._protocol.writing_paused
+                                  and not self._socket.is_closing()):
                 await self._drained()
-                if not self._queue:
-                    break
-                data = b"".join(self._queue)
-                self._queue = None
-                self._queued = 0
-                self._write(data)
+                if self._queue:
+                    data = b"".join(self._queue)
+                    self._queue = None
+                    self._queued = 0
+                    self._write(data)
         except Exception:
             log.exception("write failed; closing the connection")
             self.close(DISCONNECTED)

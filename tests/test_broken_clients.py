@@ -236,6 +236,34 @@ async def test_an_sse_stream_stuck_in_a_write_ends_at_the_token_expiry(
         response.close()
 
 
+async def test_a_stalled_stream_that_ends_does_not_leave_its_connection_behind(
+    node: Callable[..., Any], token: Callable[..., str], clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stream ends (its timeout) while its client reads nothing: what the socket still
+    holds is given the grace to drain, then the connection is cut, not kept open for ever by
+    a write the client never reads (whether the stream's own queue was empty or not)."""
+    monkeypatch.setattr(sse, "CLOSE_GRACE_SECONDS", 0.5, raising=False)
+    client = await node()
+    gateway = client.app[GATEWAY]
+    server = client.server.runner.server
+    start, _ = await history(gateway, token, 300)
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer)
+    ) as session:
+        response = await session.get(client.make_url(f"{BASE}/stream?timeout=60"),
+                                     headers={**auth(token("stalled")), "Last-Event-ID": start})
+        assert response.status == 200
+        await asyncio.sleep(0.5)  # the replay fills the socket; the client reads nothing
+        assert len(server.connections) == 1
+        clock.advance(61)
+        await eventually(lambda: gauge(gateway, "gateway_connections", "sse") == 0, 5,
+                         "the stream did not end")
+        await eventually(lambda: not server.connections, 5,
+                         "the stalled connection outlived its stream")
+        response.close()
+
+
 async def test_an_sse_stream_that_times_out_mid_replay_resumes_without_a_gap(
     node: Callable[..., Any], token: Callable[..., str], clock: ManualClock,
 ) -> None:

@@ -179,3 +179,21 @@ async def test_a_graceful_close_the_client_does_not_read_is_cut_after_the_grace(
     assert pair.reader.transport is not None
     pair.reader.transport.resume_reading()
     await asyncio.wait_for(pair.reader.lost, 5)
+
+
+async def test_a_graceful_close_with_nothing_queued_still_waits_for_the_socket(
+    pair: Pair,
+) -> None:
+    """Nothing of the transport's own is queued, but the socket holds what the client has
+    not read: closing waits for it to drain (the connection may serve on)."""
+    transport = pair.transport(limit=10, grace=0.2)
+    written = await _fill(pair, transport)
+    assert transport.queued == 0
+    transport.close("timeout")
+    waiting = asyncio.create_task(transport.wait_closed())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    await pair.read_all(written)  # the client reads in time: drained, not cut
+    await asyncio.wait_for(waiting, 5)
+    assert not pair.socket.is_closing()
+    # (A client that does not read is cut: test_broken_clients, a stalled stream that ends.)
