@@ -60,13 +60,17 @@ async def history(gateway: Gateway, token: Callable[..., str], count: int,
     return start, ids
 
 
+def slow_session() -> aiohttp.ClientSession:
+    """An HTTP client whose sockets have a tiny receive buffer (a reader that lags)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer))
+
+
 class RawSocket:
     """A WebSocket client with a tiny receive window that reads only when told to."""
 
     def __init__(self, client: TestClient) -> None:
         self._client = client
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer))
+        self._session = slow_session()
         self.ws: aiohttp.ClientWebSocketResponse | None = None
 
     async def open(self, token: str) -> RawSocket:
@@ -192,9 +196,7 @@ async def test_a_slow_sse_resume_of_a_busy_workspace_gets_every_event_once_in_or
     client = await node(send_buffer=8)
     gateway = client.app[GATEWAY]
     start, ids = await history(gateway, token, 600)
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer)
-    ) as session:
+    async with slow_session() as session:
         response = await session.get(client.make_url(f"{BASE}/stream"),
                                      headers={**auth(token("reader")), "Last-Event-ID": start})
         assert response.status == 200
@@ -220,9 +222,7 @@ async def test_an_sse_stream_stuck_in_a_write_ends_at_the_token_expiry(
     monkeypatch.setattr(sse, "CLOSE_GRACE_SECONDS", 0.5, raising=False)
     client = await node()
     gateway = client.app[GATEWAY]
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer)
-    ) as session:
+    async with slow_session() as session:
         response = await session.get(client.make_url(f"{BASE}/stream?timeout=60"),
                                      headers=auth(token("stalled", ttl=15)))
         assert response.status == 200
@@ -248,9 +248,7 @@ async def test_a_stalled_stream_that_ends_does_not_leave_its_connection_behind(
     gateway = client.app[GATEWAY]
     server = client.server.runner.server
     start, _ = await history(gateway, token, 300)
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer)
-    ) as session:
+    async with slow_session() as session:
         response = await session.get(client.make_url(f"{BASE}/stream?timeout=60"),
                                      headers={**auth(token("stalled")), "Last-Event-ID": start})
         assert response.status == 200
@@ -270,9 +268,7 @@ async def test_an_sse_stream_that_times_out_mid_replay_resumes_without_a_gap(
     client = await node()
     gateway = client.app[GATEWAY]
     start, ids = await history(gateway, token, 300)
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer)
-    ) as session:
+    async with slow_session() as session:
         response = await session.get(client.make_url(f"{BASE}/stream?timeout=60"),
                                      headers={**auth(token("reader")), "Last-Event-ID": start})
         await asyncio.sleep(0.5)  # part of the replay is written, the rest waits

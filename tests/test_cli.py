@@ -72,14 +72,18 @@ def test_dev_mode_prints_a_working_token_and_examples():
         assert http("POST", f"{base}/presence/join", "forged")[0] == 401
 
 
+def assert_a_minted_token_joins(port: int, secret: str) -> None:
+    token = run_cli("token", "--sub", "u1", "--org", "o1", "--workspace", "w1",
+                    "--jwt-secret", secret).stdout.strip()
+    status, _ = http("POST", f"http://127.0.0.1:{port}/v1/orgs/o1/workspaces/w1/sync/presence/join",
+                     token)
+    assert status == 200
+
+
 def test_configured_serve_from_environment_variables():
     secret = "c" * 40
     with serve(env={"GATEWAY_JWT_SECRET": secret, **NO_DELAY}) as (process, port):
-        token = run_cli("token", "--sub", "u1", "--org", "o1", "--workspace", "w1",
-                        "--jwt-secret", secret).stdout.strip()
-        status, _ = http("POST", f"http://127.0.0.1:{port}/v1/orgs/o1/workspaces/w1/sync/presence/join",
-                         token)
-        assert status == 200
+        assert_a_minted_token_joins(port, secret)
     assert process.stderr is not None
     assert "DEV MODE" not in process.stderr.read()
 
@@ -191,11 +195,7 @@ def test_serve_runs_on_the_event_loop_asked_for(event_loop):
     secret = "c" * 40
     with serve("--event-loop", event_loop,
                env={"GATEWAY_JWT_SECRET": secret, **NO_DELAY}) as (process, port):
-        token = run_cli("token", "--sub", "u1", "--org", "o1", "--workspace", "w1",
-                        "--jwt-secret", secret).stdout.strip()
-        status, _ = http("POST", f"http://127.0.0.1:{port}/v1/orgs/o1/workspaces/w1/sync/presence/join",
-                         token)
-        assert status == 200
+        assert_a_minted_token_joins(port, secret)
     assert process.stderr is not None
     assert f'"event_loop": "{event_loop}"' in process.stderr.read()
 

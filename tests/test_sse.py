@@ -24,6 +24,20 @@ async def open_stream(client, token, *, query="", headers=None):
     return response, SSEReader(response)
 
 
+async def raw_stream(client, request: bytes):
+    """``request`` sent on a raw connection; (reader, writer, the bytes up to the snapshot)."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(request)
+    await writer.drain()
+    received = b""
+    async with asyncio.timeout(5):
+        while b"event: sync.snapshot" not in received:
+            chunk = await reader.read(65536)
+            assert chunk, received
+            received += chunk
+    return reader, writer, received
+
+
 async def publish(client, token, n: int, type_: str = "doc.updated") -> list[dict]:
     out = []
     for i in range(n):
@@ -293,18 +307,10 @@ async def test_timeout_wins_over_a_later_token_expiry(client, token, clock):
 
 async def test_non_utf8_last_event_id_gets_a_clean_reset(client, token):
     """Raw header bytes that are not UTF-8 must not break the response framing."""
-    host, port = client.server.host, client.server.port
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(
+    host = client.server.host
+    reader, writer, received = await raw_stream(client, (
         f"GET {STREAM} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token()}\r\n".encode()
-        + b"Last-Event-ID: \xff\xfex\r\n\r\n")
-    await writer.drain()
-    received = b""
-    async with asyncio.timeout(5):
-        while b"event: sync.snapshot" not in received:
-            chunk = await reader.read(65536)
-            assert chunk, received
-            received += chunk
+        + b"Last-Event-ID: \xff\xfex\r\n\r\n"))
     writer.close()
     assert received.startswith(b"HTTP/1.1 200")
     assert received.count(b"HTTP/1.1") == 1
@@ -314,17 +320,10 @@ async def test_non_utf8_last_event_id_gets_a_clean_reset(client, token):
 async def test_an_http_1_0_client_gets_the_stream_unchunked_until_it_ends(client, token, clock):
     """HTTP/1.0 has no chunked encoding: the same events, as plain bytes, and the end of
     the stream is the end of the connection."""
-    host, port = client.server.host, client.server.port
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(f"GET {STREAM}?timeout=60 HTTP/1.0\r\nHost: {host}\r\n"
-                 f"Authorization: Bearer {token()}\r\n\r\n".encode())
-    await writer.drain()
-    received = b""
-    async with asyncio.timeout(5):
-        while b"event: sync.snapshot" not in received:
-            chunk = await reader.read(65536)
-            assert chunk, received
-            received += chunk
+    host = client.server.host
+    reader, writer, received = await raw_stream(client, (
+        f"GET {STREAM}?timeout=60 HTTP/1.0\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {token()}\r\n\r\n").encode())
     [published] = await publish(client, token(), 1)
     clock.advance(61)
     async with asyncio.timeout(5):
