@@ -188,16 +188,16 @@ def test_serve_refuses_a_negative_shutdown_delay():
     assert "shutdown_delay" in result.stderr
 
 
-@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
-def test_serve_runs_on_the_event_loop_asked_for(event_loop):
-    if event_loop == "uvloop":
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_serve_runs_on_the_event_loop_asked_for(loop_name):  # (event_loop: a pytest-asyncio fixture)
+    if loop_name == "uvloop":
         pytest.importorskip("uvloop")  # the [fast] extra
     secret = "c" * 40
-    with serve("--event-loop", event_loop,
+    with serve("--event-loop", loop_name,
                env={"GATEWAY_JWT_SECRET": secret, **NO_DELAY}) as (process, port):
         assert_a_minted_token_joins(port, secret)
     assert process.stderr is not None
-    assert f'"event_loop": "{event_loop}"' in process.stderr.read()
+    assert f'"event_loop": "{loop_name}"' in process.stderr.read()
 
 
 def test_serve_refuses_an_unknown_event_loop():
