@@ -61,7 +61,8 @@ class Gateway:
     holdings: LocalHoldings = field(default_factory=LocalHoldings)
     gate: Gate = field(default_factory=Gate)
     _reassert_task: asyncio.Task[None] | None = None
-    _promotions: set[asyncio.Task[None]] = field(default_factory=set)
+    # Deferred stream holds being written, by (workspace, user).
+    _promotions: dict[tuple[WorkspaceKey, str], asyncio.Task[None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.metrics.presence_members.set_function(self.hub.member_count)
@@ -208,6 +209,9 @@ class Gateway:
     async def stream_closed(self, identity: Identity, workspace: WorkspaceKey) -> None:
         if self.holdings.close_deferred(workspace, identity.user_id):
             return
+        promotion = self._promotions.get((workspace, identity.user_id))
+        if promotion is not None:  # its +1 goes first, or a -1 could precede it
+            await asyncio.wait([promotion])
         with contextlib.suppress(BackendUnavailable):  # corrected by the re-assertion it schedules
             await self._change(
                 workspace, identity, stream_closed(self.node_id, self.settings.disconnect_grace),
@@ -221,14 +225,20 @@ class Gateway:
         if holding is None or not holding.deferred:
             return
         count = self.holdings.promote(workspace, user_id)  # at once: a close now writes -1
+        key = (workspace, user_id)
+        previous = self._promotions.get(key)
         task = asyncio.get_running_loop().create_task(
-            self._write_promoted(workspace, user_id, holding.actor, count),
+            self._write_promoted(workspace, user_id, holding.actor, count, previous),
             name=f"stream hold {workspace}")
-        self._promotions.add(task)
-        task.add_done_callback(self._promotions.discard)
+        self._promotions[key] = task
+        task.add_done_callback(
+            lambda done: self._promotions.pop(key) if self._promotions.get(key) is done else None)
 
     async def _write_promoted(self, workspace: WorkspaceKey, user_id: str,
-                              actor: dict[str, Any], count: int) -> None:
+                              actor: dict[str, Any], count: int,
+                              previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
         try:
             async with self.gate.shared():
                 for _ in range(count):
@@ -272,7 +282,7 @@ class Gateway:
     async def close(self) -> None:
         task, self._reassert_task = self._reassert_task, None
         await stop(task)
-        for promotion in tuple(self._promotions):
+        for promotion in tuple(self._promotions.values()):
             await stop(promotion)
 
     async def presence(

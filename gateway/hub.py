@@ -183,6 +183,8 @@ class Subscriber:
                 self.transport.close(OVERFLOW)
 
     def _write(self, batch: list[Envelope]) -> int:
+        if self.transport.closed is not None:
+            return 0  # (detached by its handler soon)
         skip = self._skip_through
         if skip is not None:
             start = 0
