@@ -163,6 +163,7 @@ class Transport:
         "_queue",
         "_queued",
         "_socket",
+        "_started",
         "_writer",
         "closed",
         "encoding",
@@ -171,8 +172,12 @@ class Transport:
 
     def __init__(self, socket: asyncio.Transport, protocol: BaseProtocol, encoding: Encoding,
                  limit: int, *, grace: float,
-                 on_close: Callable[[str], bytes | None] | None = None) -> None:
+                 on_close: Callable[[str], bytes | None] | None = None,
+                 started: bool = True) -> None:
         self._socket = socket
+        # False until the response's headers are out (``start``): a close meanwhile keeps
+        # its farewell for then.
+        self._started = started
         self._protocol = protocol
         self.encoding = encoding
         self._limit = limit
@@ -238,6 +243,17 @@ class Transport:
             if self._queue is None:
                 self._queue = deque()
             self._queue.extend(last)
+        if self._started:
+            self._flush()
+
+    def start(self) -> None:
+        """The headers are written: from now on bytes may follow them."""
+        self._started = True
+        if self.closed is not None and self.closed not in _ABRUPT:
+            self._flush()
+
+    def _flush(self) -> None:
+        """After a graceful close: what is queued, then done (or cut after the grace)."""
         if self._writer is None and not self._protocol.writing_paused:
             if self._queue:
                 self._write(b"".join(self._queue))
@@ -263,6 +279,7 @@ class Transport:
 
     async def wait_closed(self) -> None:
         """Return once closed and what was to be written is written and drained (or cut)."""
+        assert self._started
         if self._finished is None:
             self._finished = asyncio.get_running_loop().create_future()
             if self.closed is not None and self._writer is None and not self._queue:

@@ -287,6 +287,30 @@ async def test_draining_ends_streams_with_a_jittered_retry(client, token):
     assert (await client.get(STREAM, headers=auth(token()))).status == 503
 
 
+async def test_a_drain_while_a_stream_opens_still_answers_a_well_formed_stream(
+    client, token, monkeypatch
+):
+    """The node drains between the stream's subscription and its headers: the client gets
+    the headers, then the jittered retry hint, then the end (no bytes before the headers)."""
+    from gateway.core import Gateway
+
+    stream_opened = Gateway.stream_opened
+
+    async def draining_meanwhile(self, identity, workspace):
+        self.hub.close_all("drain")
+        await stream_opened(self, identity, workspace)
+
+    monkeypatch.setattr(Gateway, "stream_opened", draining_meanwhile)
+    response, reader = await open_stream(client, token())
+    assert response.headers["Content-Type"] == "text/event-stream"
+    blocks = []
+    while (block := await reader.block()) is not None:
+        blocks.append(block)
+    assert blocks[-1].startswith(b"retry: ")
+    assert 3000 <= int(blocks[-1].split(b" ")[1]) <= 9000
+    assert not reader.aborted
+
+
 def test_encode_envelope_is_cached_per_event(client):
     from gateway.transports import SSE_CHUNKED
     from protocol.envelope import Envelope

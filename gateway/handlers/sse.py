@@ -98,7 +98,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         return None
 
     transport = Transport(socket, request.protocol, encoding, settings.send_buffer,
-                          grace=CLOSE_GRACE_SECONDS, on_close=closed)
+                          grace=CLOSE_GRACE_SECONDS, on_close=closed, started=False)
     subscriber = Subscriber(workspace, transport, settings.send_buffer,
                             metrics.events_delivered.labels(TRANSPORT))
     snapshot = feed.attach(subscriber)  # live events from here on wait in the subscriber
@@ -115,6 +115,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if encoding is SSE_CHUNKED:
             response.enable_chunked_encoding()
         await response.prepare(request)  # the headers are written: events go straight after
+        transport.start()  # (closed meanwhile, a drain say: its farewell goes now)
         metrics.connections.labels(TRANSPORT).inc()
         unwatch = on_connection_lost(socket, lambda: transport.close(DISCONNECTED))
         streams.add(transport)
