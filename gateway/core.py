@@ -242,8 +242,9 @@ class Gateway:
         try:
             async with self.gate.shared():
                 for _ in range(count):
-                    await self.broker.change_presence(
+                    outcome = await self.broker.change_presence(
                         workspace, user_id, stream_opened(user_id, actor, self.node_id))
+                    self.holdings.saw(workspace, user_id, outcome.record)  # as _change does
         except Exception:
             # The holdings already count them: a re-assertion writes what they say.
             self.reassert_soon()

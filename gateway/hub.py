@@ -308,7 +308,9 @@ class Feed:
         for envelope in batch:
             self.replica.apply(envelope)
             if envelope.type == PRESENCE_JOINED and self._on_present is not None:
-                self._on_present(self.workspace, envelope.data["user_id"])
+                user_id = envelope.data.get("user_id")
+                if isinstance(user_id, str):
+                    self._on_present(self.workspace, user_id)
         written: dict[Counter, int] = {}  # one metrics update per kind of transport
         for subscriber in tuple(self._subscribers):
             frames = subscriber.deliver(batch)
