@@ -150,8 +150,10 @@ class Transport:
     replays, which the client asked for and reads at its own pace: it waits until the socket
     has caught up, so a replay is never queued and never overflows. ``close`` with a
     graceful reason (timeout, drain, token expiry, ...) still writes what is queued and the
-    ``farewell``, for at most ``grace`` seconds; ``overflow`` and ``disconnected`` drop it.
-    ``on_close(reason)`` is told once, at the close, and may return more farewell bytes.
+    ``farewell`` and waits for the socket to drain, for at most ``grace`` seconds, then cuts
+    it; ``overflow`` and ``disconnected`` drop it. ``on_close(reason)`` is told once, at the
+    close, and may return more farewell bytes. A transport made before its response's headers
+    are written (``started=False``) writes nothing until ``start``.
     """
 
     __slots__ = (
