@@ -52,7 +52,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from array import array
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -75,6 +74,7 @@ from bench.bench_scale import (  # the helpers of the other benchmarks, reused a
     own_cpu,
     raise_nofile,
     rss_kib,
+    serve_pipe,
     tail,
 )
 
@@ -480,34 +480,12 @@ class Worker:
     # -- the pipe --------------------------------------------------------------------------
 
     async def serve(self, conn: Connection) -> None:
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[Any] = asyncio.Queue()
-        parent = os.getppid()
+        await serve_pipe(conn, lambda command, args: self.commands[command](*args),
+                         self.close_everything)
 
-        def readable() -> None:
-            try:
-                inbox.put_nowait(conn.recv())
-            except (EOFError, OSError):
-                inbox.put_nowait(("exit",))
-                loop.remove_reader(conn.fileno())
-
-        loop.add_reader(conn.fileno(), readable)
-        while True:  # until "exit", or the parent is gone
-            try:
-                command, *rest = await asyncio.wait_for(inbox.get(), 1.0)
-            except TimeoutError:
-                if os.getppid() != parent:
-                    return
-                continue
-            if command == "exit":
-                for group in list(self.groups):
-                    await self.close(group, 2.0)
-                return
-            try:
-                answer = await self.commands[command](*rest)
-            except Exception:
-                answer = {"error": traceback.format_exc()}
-            conn.send(answer)
+    async def close_everything(self) -> None:
+        for group in list(self.groups):
+            await self.close(group, 2.0)
 
 
 Send = Callable[[int, dict[str, Any]], Awaitable[str | None]]  # event k, data -> failure or None

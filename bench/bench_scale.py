@@ -43,7 +43,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -480,44 +480,53 @@ class ClientProcess:
         return {}
 
     async def serve(self, conn: Connection) -> None:
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[Any] = asyncio.Queue()
-        parent = os.getppid()
+        await serve_pipe(conn, self.answer, lambda: self.close_all(2.0))
 
-        def readable() -> None:
-            try:
-                inbox.put_nowait(conn.recv())
-            except (EOFError, OSError):
-                inbox.put_nowait(("exit",))
-                loop.remove_reader(conn.fileno())
+    async def answer(self, command: str, args: list[Any]) -> Any:
+        if command == "open":
+            return await self.open(*args)
+        if command == "status":
+            return self.status()
+        if command == "reset":
+            self.reset_deliveries()
+            return {}
+        if command == "close":
+            return await self.close_all(*args)
+        return {"error": f"unknown command {command}"}
 
-        loop.add_reader(conn.fileno(), readable)
-        while True:
-            try:
-                message = await asyncio.wait_for(inbox.get(), 1.0)
-            except TimeoutError:
-                if os.getppid() != parent:  # the parent died: leave
-                    return
-                continue
-            command, *rest = message
-            try:
-                if command == "exit":
-                    await self.close_all(2.0)
-                    return
-                if command == "open":
-                    answer: Any = await self.open(*rest)
-                elif command == "status":
-                    answer = self.status()
-                elif command == "reset":
-                    self.reset_deliveries()
-                    answer = {}
-                elif command == "close":
-                    answer = await self.close_all(*rest)
-                else:
-                    answer = {"error": f"unknown command {command}"}
-            except Exception:
-                answer = {"error": traceback.format_exc()}
-            conn.send(answer)
+
+async def serve_pipe(conn: Connection, answer: Callable[[str, list[Any]], Awaitable[Any]],
+                     leave: Callable[[], Awaitable[Any]]) -> None:
+    """A worker's side of its ``Pool`` pipe: each ``(command, *args)`` answered in turn (an
+    exception becomes ``{"error": traceback}``), until ``exit`` (after ``leave``) or the
+    parent is gone (a worker never outlives its benchmark)."""
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[Any] = asyncio.Queue()
+    parent = os.getppid()
+
+    def readable() -> None:
+        try:
+            inbox.put_nowait(conn.recv())
+        except (EOFError, OSError):
+            inbox.put_nowait(("exit",))
+            loop.remove_reader(conn.fileno())
+
+    loop.add_reader(conn.fileno(), readable)
+    while True:
+        try:
+            command, *args = await asyncio.wait_for(inbox.get(), 1.0)
+        except TimeoutError:
+            if os.getppid() != parent:
+                return
+            continue
+        if command == "exit":
+            await leave()
+            return
+        try:
+            result = await answer(command, args)
+        except Exception:
+            result = {"error": traceback.format_exc()}
+        conn.send(result)
 
 
 def client_main(conn: Connection, nofile: int) -> None:

@@ -86,7 +86,6 @@ class Subscriber:
         "holding",
         "lagged",
         "last_id",
-        "replaying",
         "transport",
         "workspace",
     )
@@ -105,7 +104,6 @@ class Subscriber:
         # (from then on the feed's order holds, and no id needs comparing).
         self._skip_through: EventId | None = None
         self.last_id = ""
-        self.replaying: asyncio.Task[None] | None = None  # a WebSocket replay being written
 
     @property
     def closed(self) -> str | None:

@@ -85,8 +85,8 @@ class Session:
     """
 
     __slots__ = ("_bucket", "_delivered", "_home", "_strikes", "_timer", "codec", "gateway",
-                 "identity", "joined", "replays", "session_id", "settings", "subscriptions",
-                 "transport")
+                 "identity", "joined", "replaying", "replays", "session_id", "settings",
+                 "subscriptions", "transport")
 
     def __init__(self, gateway: Gateway, transport: Transport, codec: Codec,
                  identity: Identity | None) -> None:
@@ -106,6 +106,7 @@ class Session:
         # One replay read at a time per socket: a client resuming many workspaces at once
         # makes the node hold one page for it, not one per subscription. (Made at the first.)
         self.replays: asyncio.Lock | None = None
+        self.replaying: dict[WorkspaceKey, asyncio.Task[None]] = {}  # replays being written
         self._delivered = gateway.metrics.events_delivered.labels(TRANSPORT)
 
     async def start(self, workspace: WorkspaceKey | None, since: str | None) -> None:
@@ -254,7 +255,8 @@ class Session:
                           extra={"workspace": str(subscriber.workspace)})
             self.transport.close("failed")
         finally:
-            subscriber.replaying = None
+            if self.replaying.get(subscriber.workspace) is asyncio.current_task():
+                del self.replaying[subscriber.workspace]
 
     def _unsubscribe(self, workspace: WorkspaceKey) -> None:
         subscriber = self.subscriptions.pop(workspace, None)
@@ -263,8 +265,9 @@ class Session:
         feed = self.gateway.hub.existing_feed(workspace)
         if feed is not None:
             feed.detach(subscriber)
-        if subscriber.replaying is not None:
-            subscriber.replaying.cancel()
+        replaying = self.replaying.pop(workspace, None)
+        if replaying is not None:
+            replaying.cancel()
 
 
 # -- the ops (one handler each; the table below dispatches) ---------------------------
@@ -323,7 +326,7 @@ async def _subscribe(session: Session, message: Subscribe) -> Answer:
         workspace, subscribed=True, resumed=resumed, snapshot=replay.snapshot.to_dict())))
     # Written while the socket goes on reading: a ping, an unsubscribe or the client's
     # disappearance is noticed at once, however long the replay.
-    subscriber.replaying = asyncio.create_task(
+    session.replaying[workspace] = asyncio.create_task(
         session._replay(subscriber, replay), name=f"ws replay {workspace}")
     return None
 

@@ -236,8 +236,7 @@ class Transport:
         if reason in _ABRUPT:
             self._queue = None
             self._queued = 0
-            if self._writer is not None:
-                self._writer.cancel()
+            self._stop_writer()
             self._finish()
             return
         last = [data for data in (farewell, more) if data]
@@ -271,8 +270,7 @@ class Transport:
     def abort(self) -> None:
         """Cut the connection at once (nothing more is written)."""
         self._socket.abort()
-        if self._writer is not None:
-            self._writer.cancel()
+        self._stop_writer()
         if self.closed is None:
             self.close(DISCONNECTED)
         else:
@@ -296,6 +294,11 @@ class Transport:
             return False
         self._socket.write(data)
         return True
+
+    def _stop_writer(self) -> None:
+        # (Not from within: the writer closing the transport ends by itself, its queue gone.)
+        if self._writer is not None and self._writer is not asyncio.current_task():
+            self._writer.cancel()
 
     def _finish(self) -> None:
         if self._cut is not None:

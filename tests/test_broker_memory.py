@@ -117,3 +117,28 @@ async def test_followed_logs_and_present_users_are_never_forgotten() -> None:
     clock.advance(11)
     await broker.sweep()
     assert broker._logs == {}
+
+
+async def test_a_feed_tells_who_becomes_present_by_a_join_or_in_a_resync() -> None:
+    """What a deferred stream hold waits for (``Gateway._present``): a join the feed applies,
+    and, after a history loss, every member of the fresh snapshot (a join it never saw)."""
+    broker = MemoryBroker(history_max_len=100)
+    hub = Hub(broker)
+    present: list[tuple[WorkspaceKey, str]] = []
+    hub.on_present = lambda workspace, user_id: present.append((workspace, user_id))
+    feed = await hub.feed(WS)
+    resyncs: list[Envelope] = []
+    recorder = Recorder()
+    recorder.resync = resyncs.append  # type: ignore[method-assign]
+    feed.attach(recorder)  # type: ignore[arg-type]
+    await asyncio.sleep(0)  # the feed goes live
+    await broker.change_presence(WS, "alice", session_join("alice", {"type": "user", "id": "alice"},
+                                                           "s1", broker.node_id))
+    assert present == [(WS, "alice")]
+    present.clear()
+    feed.history_gone()
+    async with asyncio.timeout(5):
+        while not resyncs:  # noqa: ASYNC110 (the feed resyncs in the background)
+            await asyncio.sleep(0.01)
+    assert present == [(WS, "alice")]
+    await hub.close()

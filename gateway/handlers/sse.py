@@ -166,8 +166,11 @@ class Streams:
         self._due.pop(transport, None)
 
     def ping_due(self) -> None:
+        """Ping the streams that are due: the oldest first, each moved to the end (the dict
+        is in due order), so a tick touches only those."""
         now = asyncio.get_running_loop().time()
-        for transport, due in list(self._due.items()):
+        while self._due:
+            transport, due = next(iter(self._due.items()))
             if due > now:
                 break
             del self._due[transport]
