@@ -291,6 +291,7 @@ async def _auth(session: Session, message: Auth) -> Answer:
         "user_id": identity.user_id,
         "org_id": identity.org_id,
         "expires_at": format_timestamp(datetime.fromtimestamp(identity.expires_at, UTC)),
+        "node_id": session.gateway.node_id,
     }))
     await session._authenticated()
     return None

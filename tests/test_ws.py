@@ -76,6 +76,7 @@ async def test_every_op_of_the_table(client: TestClient, token: Callable[..., st
     # auth
     answer = await peer.request("auth", token=token(name="Ada"))
     assert answer["op"] == "reply" and answer["data"]["user_id"] == "user-1"
+    assert answer["data"]["node_id"] == client.app[GATEWAY].node_id  # who serves this socket
     # subscribe: the reply carries the snapshot; the events begin with it, as on SSE
     answer = await peer.request("subscribe", **HERE)
     assert answer["op"] == "reply"
