@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 import sys
@@ -14,7 +13,7 @@ from aiohttp import web
 
 from gateway import logs
 from gateway.auth import ALL_PERMISSIONS, mint_token
-from gateway.config import Settings, add_settings_arguments, settings_from
+from gateway.config import Settings, add_settings_arguments, base_url, is_loopback, settings_from
 
 log = logging.getLogger("gateway")
 
@@ -23,10 +22,13 @@ DEV_WORKSPACE = "lobby"
 
 
 def _dev_banner(settings: Settings) -> str:
+    """The secret, a ready token, commands to try, the demo page and the browser origins
+    allowed (``Settings.with_dev_secret``)."""
     assert settings.jwt_secret is not None
     token = mint_token(settings.jwt_secret, sub="dev-user", org_id=DEV_ORG, workspaces="*",
                        ttl=12 * 3600, extra={"name": "Dev User"})
-    base = f"http://{settings.host}:{settings.port}/v1/orgs/{DEV_ORG}/workspaces/{DEV_WORKSPACE}/sync"
+    root = base_url(settings.host, settings.port)
+    base = f"{root}/v1/orgs/{DEV_ORG}/workspaces/{DEV_WORKSPACE}/sync"
     return "\n".join([
         "",
         "=" * 78,
@@ -46,29 +48,21 @@ def _dev_banner(settings: Settings) -> str:
         f"  curl -H \"Authorization: Bearer $TOKEN\" {base}/presence",
         f"  curl -X POST -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' "
         f"-d '{{\"type\":\"doc.updated\",\"data\":{{\"id\":\"doc-1\"}}}}' {base}/events",
-        f"  sync-gateway tail --url http://{settings.host}:{settings.port} --org {DEV_ORG} "
+        f"  sync-gateway tail --url {root} --org {DEV_ORG} "
         f"--workspace {DEV_WORKSPACE} --token $TOKEN      # watch over WebSocket",
+        "",
+        f"  demo page: {root}/demo/  (browser client: {root}/client/mm-sync.js)",
+        f"  allowed origins: {', '.join(settings.allowed_origins) or 'none'}",
         "=" * 78,
         "",
     ])
-
-
-def _is_loopback(host: str) -> bool:
-    """``host`` reaches this machine only: 127.0.0.0/8, ::1 or ``localhost`` (names are not
-    resolved: any other name counts as reachable from elsewhere)."""
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _dev_mode_refusal(settings: Settings, allowed: bool) -> str | None:
     """Why dev mode must not start with these settings, or None. Dev mode prints a 12-hour
     token for every workspace: fine on loopback, an open door on any other interface (an
     image that listens on 0.0.0.0 and was started without its secret)."""
-    if settings.has_verification_key or allowed or _is_loopback(settings.host):
+    if settings.has_verification_key or allowed or is_loopback(settings.host):
         return None
     return (f"no JWT secret or key, and dev mode would listen on {settings.host or 'every interface'!r}, "
             "which is not loopback: set GATEWAY_JWT_SECRET (or --jwt-secret / --jwt-public-key-file), "
@@ -106,11 +100,16 @@ def serve(settings: Settings, *, dev: bool = False) -> int:
     if refusal is not None:
         print(f"serve: {refusal}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level, settings.log_format)
     if not settings.has_verification_key:
         settings = settings.with_dev_secret()
+    logs.configure(settings.log_level, settings.log_format, dev_mode=settings.dev_mode)
+    if settings.dev_mode:
         print(_dev_banner(settings), file=sys.stderr, flush=True)
         log.warning("running in DEV MODE with a random secret")
+    elif settings.demo and not settings.allowed_origins:
+        log.warning("--demo is on but --allowed-origins is empty: add the page's own origin "
+                    "(how browsers reach this node) or its WebSocket/stream is refused",
+                    extra={"demo_page": f"{base_url(settings.host, settings.port)}/demo/"})
     try:
         backend = _backend_name(settings.redis_url)
         app = create_app(settings)
@@ -159,31 +158,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sync-gateway", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve_parser = commands.add_parser("serve", help="run a gateway node")
+    serve_parser = commands.add_parser(
+        "serve", help="run a gateway node", usage="%(prog)s [options]",
+        description="Run one gateway node until SIGTERM/SIGINT. Every option is also an "
+                    "environment variable; a flag wins over its variable.")
     add_settings_arguments(serve_parser)
     serve_parser.add_argument(
         "--dev", action="store_true",
         help="allow dev mode (no secret: a random one, and a printed token) on a --host other "
-             "than loopback (env GATEWAY_DEV=1)")
+             "than loopback [default: off; env GATEWAY_DEV=1]")
 
     token_parser = commands.add_parser("token", help="print a signed JWT (HS256)")
     token_parser.add_argument("--sub", required=True, help="user (or service) id")
-    token_parser.add_argument("--org", required=True)
+    token_parser.add_argument("--org", required=True, help="the organisation id (org_id claim)")
     token_parser.add_argument("--workspace", action="append", required=True,
                               help="a workspace id (repeat), or * for all")
     token_parser.add_argument("--permission", action="append",
-                              help=f"repeat; default: {' '.join(ALL_PERMISSIONS)}")
-    token_parser.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
+                              help=f"a permission to grant (repeat) [default: {' '.join(ALL_PERMISSIONS)}]")
+    token_parser.add_argument("--ttl", type=int, default=3600,
+                              help="seconds until the token expires [default: 3600]")
     token_parser.add_argument("--name", help="display name copied into presence")
     token_parser.add_argument("--service", action="store_true", help="a backend service token")
-    token_parser.add_argument("--jwt-secret", help="(env GATEWAY_JWT_SECRET)")
+    token_parser.add_argument("--jwt-secret",
+                              help="the HS256 secret `serve` verifies with [env GATEWAY_JWT_SECRET]")
 
     tail_parser = commands.add_parser("tail", help="print a workspace's live events, one per line")
     tail_parser.add_argument("--url", default="http://127.0.0.1:8080",
-                             help="the gateway (default http://127.0.0.1:8080)")
-    tail_parser.add_argument("--org", required=True)
-    tail_parser.add_argument("--workspace", required=True)
-    tail_parser.add_argument("--token", help="a JWT with sync:read (env GATEWAY_TOKEN)")
+                             help="the gateway's base URL [default: http://127.0.0.1:8080]")
+    tail_parser.add_argument("--org", required=True, help="the organisation id")
+    tail_parser.add_argument("--workspace", required=True, help="the workspace to follow")
+    tail_parser.add_argument("--token", help="a JWT with sync:read [env GATEWAY_TOKEN]")
     tail_parser.add_argument("--since", help="an event id: first print every event after it")
     return parser
 

@@ -1,4 +1,5 @@
-"""Structured logs (one JSON object a line) that never carry a token, ticket or secret."""
+"""Structured logs that never carry a token, ticket or secret: one JSON object a line, or
+readable text lines for a person (``auto``: dev mode on a terminal)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
@@ -59,10 +60,25 @@ class TextFormatter(logging.Formatter):
         return redact(f"{line} {fields}" if fields else line)
 
 
-def configure(level: str = "INFO", fmt: str = "json") -> None:
+def resolve_format(fmt: str, *, dev_mode: bool, stream: TextIO) -> str:
+    """``json`` or ``text``. An explicit one stays; ``auto`` is ``text`` for a person (dev
+    mode, and ``stream`` is a terminal) and ``json`` otherwise: every production run and every
+    pipe, file or log collector gets JSON."""
+    if fmt != "auto":
+        return fmt
+    try:
+        on_terminal = stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        on_terminal = False
+    return "text" if dev_mode and on_terminal else "json"
+
+
+def configure(level: str = "INFO", fmt: str = "json", *, dev_mode: bool = False) -> None:
+    """Every record to stderr, in ``fmt`` (``json``, ``text`` or ``auto``: ``resolve_format``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter() if fmt == "json" else TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+        JsonFormatter() if resolve_format(fmt, dev_mode=dev_mode, stream=sys.stderr) == "json"
+        else TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import pty
 import re
+import select
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.client import HTTPConnection
 
 import jwt
 import pytest
 
+from gateway.config import Settings, parse_settings
+from gateway.origins import origin_allowed
 from tests.processes import ROOT, free_port, http, run_cli, serve
 
 # No load balancer in front of these nodes: teardown need not wait (see test_shutdown.py).
@@ -203,3 +213,193 @@ def test_serve_runs_on_the_event_loop_asked_for(loop_name):  # (event_loop: a py
 def test_serve_refuses_an_unknown_event_loop():
     result = run_cli("serve", "--event-loop", "trio")
     assert result.returncode == 2 and "event_loop must be auto, asyncio or uvloop" in result.stderr
+
+
+# -- logs for a person, the demo page switch, dev mode's browser origins ------------------
+
+# Settings a test of dev mode, log formats or origins must not inherit from the shell.
+_INHERITED = ("GATEWAY_JWT_SECRET", "GATEWAY_JWT_PUBLIC_KEY_FILE", "GATEWAY_DEV", "GATEWAY_HOST",
+              "GATEWAY_LOG_FORMAT", "GATEWAY_ALLOWED_ORIGINS", "GATEWAY_DEMO", "GATEWAY_REDIS_URL")
+
+
+def _read_until(fd: int, pattern: str, deadline: float) -> str:
+    """What ``fd`` gives until ``pattern`` matches it, EOF or ``deadline`` (whichever first)."""
+    text = ""
+    while not re.search(pattern, text) and (left := deadline - time.monotonic()) > 0:
+        if not select.select([fd], [], [], left)[0]:
+            break
+        try:
+            chunk = os.read(fd, 65_536)
+        except OSError:  # a pseudo-terminal whose other end closed: EIO
+            break
+        if not chunk:
+            break
+        text += chunk.decode(errors="replace")
+    return text
+
+
+@contextmanager
+def _serving(*args: str, terminal: bool, env: dict[str, str] | None = None
+             ) -> Iterator[tuple[Callable[[], str], int]]:
+    """A real ``serve`` on a free port, its stderr on a pseudo-terminal (``terminal``) or a
+    pipe. Yields a function that returns its stderr up to the ``listening`` record (at most
+    20 s), and the port. Stopped by its PID afterwards."""
+    port = free_port()
+    reader, writer = pty.openpty() if terminal else os.pipe()
+    base = {key: value for key, value in os.environ.items() if key not in _INHERITED}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(port), *args],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=writer,
+        env={**base, **NO_DELAY, **(env or {})})
+    os.close(writer)
+    try:
+        yield (lambda: _read_until(reader, r"listening[^\n]*\n", time.monotonic() + 20)), port
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        os.close(reader)
+
+
+def _log_lines(stderr: str) -> list[str]:
+    """The log lines: everything after the dev banner (if any), blank lines left out."""
+    after_banner = stderr.rsplit("=" * 78, 1)[-1]
+    return [line for line in after_banner.splitlines() if line.strip()]
+
+
+_TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) [\w.]+ \S")
+
+
+def _assert_text(lines: list[str], port: int) -> None:
+    assert lines, "no log lines"
+    for line in lines:
+        assert _TEXT_LINE.match(line) and not line.startswith("{"), line
+    assert any(line.endswith(f"INFO gateway listening url=http://127.0.0.1:{port}") for line in lines), lines
+
+
+def _assert_json(lines: list[str]) -> None:
+    assert lines, "no log lines"
+    records = [json.loads(line) for line in lines]
+    assert any(record["msg"] == "listening" for record in records), lines
+
+
+@pytest.mark.parametrize(("args", "env", "expected"), [
+    ([], {}, "text"),  # dev mode on a terminal: for a person
+    (["--log-format", "json"], {}, "json"),  # asked for
+    ([], {"GATEWAY_JWT_SECRET": "t" * 40}, "json"),  # a production run, even on a terminal
+])
+def test_logs_on_a_terminal(args, env, expected):
+    with _serving(*args, terminal=True, env=env) as (read, port):
+        stderr = read()
+    assert ("DEV MODE" in stderr) is ("GATEWAY_JWT_SECRET" not in env), stderr[-2000:]
+    if expected == "text":
+        _assert_text(_log_lines(stderr), port)
+    else:
+        _assert_json(_log_lines(stderr))
+
+
+@pytest.mark.parametrize(("args", "expected"), [([], "json"), (["--log-format", "text"], "text")])
+def test_logs_without_a_terminal(args, expected):
+    with _serving(*args, terminal=False) as (read, port):
+        stderr = read()
+    assert "DEV MODE" in stderr, stderr[-2000:]
+    if expected == "text":
+        _assert_text(_log_lines(stderr), port)
+    else:
+        _assert_json(_log_lines(stderr))
+
+
+def test_log_format_auto_is_the_default_and_others_are_refused():
+    assert Settings().log_format == "auto"
+    result = run_cli("serve", "--log-format", "yaml")
+    assert result.returncode == 2 and "log_format must be auto, json or text" in result.stderr
+
+
+def test_demo_from_the_flag_and_the_environment():
+    assert parse_settings([], {}).demo is False
+    assert parse_settings(["--demo"], {}).demo is True
+    assert parse_settings(["--demo", "--port", "9001"], {}).demo is True
+    for text, value in [("1", True), ("true", True), ("YES", True), ("0", False), ("false", False),
+                        ("no", False)]:
+        assert parse_settings([f"--demo={text}"], {}).demo is value, text
+        assert parse_settings([], {"GATEWAY_DEMO": text}).demo is value, text
+    assert parse_settings(["--demo", "no"], {"GATEWAY_DEMO": "yes"}).demo is False  # the flag wins
+    with pytest.raises(ValueError, match="GATEWAY_DEMO: 'maybe' is not one of"):
+        parse_settings([], {"GATEWAY_DEMO": "maybe"})
+    with pytest.raises(SystemExit):
+        parse_settings(["--demo=maybe"], {})
+
+
+def test_the_demo_page_is_on_when_asked_for_and_always_in_dev_mode():
+    assert Settings().demo_enabled is False
+    assert Settings(demo=True).demo_enabled is True
+    assert Settings().with_dev_secret().demo_enabled is True
+
+
+@pytest.mark.parametrize(("host", "origins"), [
+    ("127.0.0.1", ("http://127.0.0.1:9000", "http://localhost:9000")),
+    ("localhost", ("http://localhost:9000", "http://127.0.0.1:9000")),
+    ("127.0.0.2", ("http://127.0.0.2:9000", "http://localhost:9000", "http://127.0.0.1:9000")),
+    ("::1", ("http://[::1]:9000", "http://localhost:9000", "http://127.0.0.1:9000")),
+    ("0.0.0.0", ("http://0.0.0.0:9000", "http://localhost:9000", "http://127.0.0.1:9000")),
+    ("10.1.2.3", ("http://10.1.2.3:9000",)),
+    ("gateway.example", ("http://gateway.example:9000",)),
+])
+def test_dev_mode_allows_the_origins_of_its_own_pages(host, origins):
+    dev = Settings(host=host, port=9000).with_dev_secret()
+    assert dev.allowed_origins == origins
+    for origin in origins:  # what a browser sends for a page it loaded from there
+        assert origin_allowed([origin], dev.allowed_origins), origin
+    assert not origin_allowed(["http://evil.example"], dev.allowed_origins)
+    assert Settings(host=host, port=9000).allowed_origins == ()  # not outside dev mode
+
+
+def test_dev_mode_keeps_the_allowed_origins_given():
+    given = ("https://app.example", "http://localhost:3000")
+    assert Settings(allowed_origins=given).with_dev_secret().allowed_origins == given
+
+
+def _upgrade_status(port: int, origin: str) -> int:
+    connection = HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", "/v1/sync/ws", headers={
+            "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), "Origin": origin})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_dev_mode_banner_names_the_demo_page_and_its_pages_may_open_a_websocket():
+    with _serving(terminal=False) as (read, port):
+        stderr = read()
+        root = f"http://127.0.0.1:{port}"
+        assert f"  demo page: {root}/demo/  (browser client: {root}/client/mm-sync.js)" in stderr
+        assert f"  allowed origins: {root}, http://localhost:{port}\n" in stderr
+        assert _upgrade_status(port, f"http://localhost:{port}") == 101
+        assert _upgrade_status(port, root) == 101
+        assert _upgrade_status(port, "http://evil.example") == 403
+
+
+def test_dev_mode_with_allowed_origins_given_keeps_them():
+    with _serving("--allowed-origins", "https://app.example", terminal=False) as (read, port):
+        stderr = read()
+        assert "  allowed origins: https://app.example\n" in stderr
+        assert _upgrade_status(port, "https://app.example") == 101
+        assert _upgrade_status(port, f"http://127.0.0.1:{port}") == 403
+
+
+@pytest.mark.parametrize(("args", "warned"), [
+    (["--demo"], True),
+    (["--demo", "--allowed-origins", "https://app.example"], False),
+    ([], False),
+])
+def test_demo_without_allowed_origins_outside_dev_mode_warns(args, warned):
+    with _serving(*args, terminal=False, env={"GATEWAY_JWT_SECRET": "w" * 40}) as (read, _):
+        records = [json.loads(line) for line in _log_lines(read())]
+    warnings = [record for record in records if record["level"] == "warning"]
+    assert any("--allowed-origins is empty" in record["msg"] for record in warnings) is warned, records
