@@ -15,7 +15,7 @@ from gateway.broker_memory import MemoryBroker
 from gateway.clock import Clock, SystemClock
 from gateway.config import Settings
 from gateway.core import Gateway
-from gateway.handlers import cors, health, rest, sse, ws
+from gateway.handlers import cors, health, pages, rest, sse, ws
 from gateway.handlers.common import GATEWAY
 from gateway.handlers.errors import error_middleware
 from gateway.hub import Hub
@@ -84,6 +84,7 @@ def create_app(
             web.get(f"{WORKSPACE}/sync/ws", ws.socket),
         ]
     )
+    app.add_routes(pages.routes(demo=settings.demo_enabled))
     cors.setup_cors(app)
     app.cleanup_ctx.extend([_backend, _sweeper, _feed_janitor, sse.keepalive])
     app.on_shutdown.append(_drain)

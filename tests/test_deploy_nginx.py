@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway.auth import mint_token
+from tests.nginx import nginx_in
 from tests.processes import ROOT, free_port, http, serve
 
 SECRET = "nginx-secret-" + "n" * 30
@@ -31,45 +30,9 @@ TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}$")  # the gatewa
 
 @pytest.fixture
 def nginx(tmp_path: Path):
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(binary).exists():
-        pytest.skip("nginx is not installed (scripts/test.sh installs it)")
-
-    def start(upstream_port: int, log_format: str | None = None) -> int:
-        """nginx with deploy/nginx/nginx.conf (``log_format``: another ``sync`` format)."""
-        port = free_port()
-        conf = (ROOT / "deploy/nginx/nginx.conf").read_text()
-        conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
-        conf = conf.replace("access_log /dev/stdout sync;", f"access_log {tmp_path}/access.log sync;")
-        if log_format is not None:
-            conf, found = re.subn(r"log_format sync [^;]*;", lambda _: f"log_format sync '{log_format}';", conf)
-            assert found == 1
-        (tmp_path / "nginx.conf").write_text(conf)
-        (tmp_path / "upstream.conf").write_text(
-            f"upstream sync_gateway {{ server 127.0.0.1:{upstream_port}; keepalive 8; }}\n")
-        process = subprocess.Popen(
-            [binary, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
-             "-g", f"daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        started.append(process)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                http("GET", f"http://127.0.0.1:{port}/healthz")  # any answer: nginx is up
-                return port
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError(f"nginx did not start: {(tmp_path / 'error.log').read_text()}")
-
-    started: list[subprocess.Popen[bytes]] = []
-    yield start
-    for process in started:
-        process.send_signal(signal.SIGQUIT)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """``nginx(upstream_port, log_format=None)``: the shipped config in front of one node."""
+    with nginx_in(tmp_path) as servers:
+        yield servers.start
 
 
 def test_sse_through_nginx_is_unbuffered_and_tickets_are_not_logged(nginx, tmp_path):
