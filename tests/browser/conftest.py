@@ -97,7 +97,9 @@ async def deployment(tmp_path: Path) -> AsyncIterator[Deployment]:
         redis.start()
         entry = free_port()
         url = f"http://127.0.0.1:{entry}"
-        nodes = [Node(name, redis.url, tmp_path, extra=("--demo", "--allowed-origins", url))
+        # No leeway on token expiry: a test's short-lived token expires when it says.
+        nodes = [Node(name, redis.url, tmp_path,
+                      extra=("--demo", "--allowed-origins", url, "--jwt-leeway", "0"))
                  for name in ("node-a", "node-b")]
         for node in nodes:
             node.start()

@@ -474,6 +474,7 @@ export class SyncClient extends Emitter {
     this.#setState('connecting');
     this.emit('disconnect', { code: close.code, reason: close.reason });
     const stable = this.#openedAt > 0 && Date.now() - this.#openedAt >= STABLE_MS;
+    this.#openedAt = 0; // the next socket has to earn it again
     // A drain (1012) or a long-lived socket's loss: reconnect at once, with jitter so a
     // node's clients do not all arrive together. Anything else, or a socket that failed
     // early (refused, bad token, 4401 again): back off.
