@@ -145,6 +145,17 @@ test('a socket that lived reconnects at once; early failures back off, capped, n
   });
 });
 
+test('a drain (1012) reconnects at once even right after the socket opened; a refusal then backs off', async () => {
+  const { socket } = await connected();
+  socket.drop(1012, 'node draining'); // no time has passed since it was authenticated
+  const quick = await fireReconnect();
+  assert.ok(quick < 250, `drain: ${quick}`);
+  FakeSocket.made.at(-1).drop(1006); // the draining node refused the new one
+  assert.ok((await fireReconnect()) >= 250);
+  FakeSocket.made.at(-1).drop(1012); // never authenticated: no 1012 shortcut
+  assert.ok((await fireReconnect()) >= 500);
+});
+
 test('4401 gets a fresh token from the callback; a refused token backs off', async () => {
   const { socket, tokens } = await connected();
   now += 10_000;

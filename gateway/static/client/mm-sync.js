@@ -473,12 +473,15 @@ export class SyncClient extends Emitter {
     if (this.#stopped) return;
     this.#setState('connecting');
     this.emit('disconnect', { code: close.code, reason: close.reason });
-    const stable = this.#openedAt > 0 && Date.now() - this.#openedAt >= STABLE_MS;
+    const authenticated = this.#openedAt > 0;
+    const stable = authenticated && Date.now() - this.#openedAt >= STABLE_MS;
     this.#openedAt = 0; // the next socket has to earn it again
-    // A drain (1012) or a long-lived socket's loss: reconnect at once, with jitter so a
+    // A drain (1012: a node says so once, to a socket it had accepted; a draining node
+    // refuses new ones) or a long-lived socket's loss: reconnect at once, with jitter so a
     // node's clients do not all arrive together. Anything else, or a socket that failed
     // early (refused, bad token, 4401 again): back off.
-    const delay = stable ? Math.random() * QUICK_JITTER_MS : this.#backoff.next();
+    const quick = stable || (authenticated && close.code === CLOSE_DRAINING);
+    const delay = quick ? Math.random() * QUICK_JITTER_MS : this.#backoff.next();
     this.#retry(delay);
   }
 
