@@ -26,8 +26,9 @@ from tests.multinode.harness import BASE, ORG, WORKSPACE, Node, auth, token
 
 pytestmark = [pytest.mark.browser, pytest.mark.multinode]
 
-PUBLISHED = 40  # numbered events published across the node's death
+PUBLISHED = 40  # numbered events published across the node's death (or drain)
 KILL_AFTER = 12
+AFTERWARDS = 5  # and more once it is gone
 
 
 async def connections(node: Node) -> dict[str, int]:
@@ -55,22 +56,25 @@ def numbered(log: list[Entry]) -> list[int]:
     return [entry.data["seq"] for entry in log if entry.type == "note.posted" and "seq" in entry.data]
 
 
-async def publish_numbered(node: Node, count: int, killed: asyncio.Event, kill: Any) -> None:
-    """Publish ``count`` numbered events straight to ``node`` (a backend service), killing
-    the other node after ``KILL_AFTER`` of them."""
+async def publish_numbered(node: Node, seqs: range, killed: asyncio.Event, kill: Any | None) -> None:
+    """Publish numbered events straight to ``node`` (a backend service), killing the other
+    node after ``KILL_AFTER`` of them."""
     async with aiohttp.ClientSession(headers=auth("service")) as session:
-        for seq in range(count):
+        for seq in seqs:
             async with session.post(f"{node.url}{BASE}/events",
                                     json={"type": "note.posted", "data": {"seq": seq}}) as response:
                 assert response.status == 200, await response.text()
-            if seq == KILL_AFTER:
+            if seq == KILL_AFTER and kill is not None:
                 kill()
                 killed.set()
             await asyncio.sleep(0.05)
 
 
-async def test_two_users_on_two_nodes_see_each_other_and_survive_a_node_kill(
-        browser: Any, deployment: Deployment, screenshots: Any) -> None:
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+async def test_two_users_on_two_nodes_see_each_other_and_survive_a_node_leaving(
+        browser: Any, deployment: Deployment, screenshots: Any, how: str) -> None:
+    """SIGKILL: the node dies; SIGTERM: it drains (its sockets get close 1012, its streams
+    end) after its --shutdown-delay (5 s)."""
     alice = DemoPage(await (await browser.new_context()).new_page(), "alice")
     bob = DemoPage(await (await browser.new_context()).new_page(), "bob")
     await alice.open(deployment.url, token("alice", name="Alice"), ORG, WORKSPACE)
@@ -105,23 +109,28 @@ async def test_two_users_on_two_nodes_see_each_other_and_survive_a_node_kill(
         for page in (alice, bob):
             await until(lambda page=page: _has(page.members("ws"), "carol"), 10, "carol shown")
 
-        # SIGKILL Alice's node in the middle of a stream of events.
+        # Alice's node leaves in the middle of a stream of events; more follow once it is gone.
         killed = asyncio.Event()
-        await publish_numbered(survivor, PUBLISHED, killed, lambda: victim.signal(signal.SIGKILL))
+        await publish_numbered(survivor, range(PUBLISHED), killed,
+                               lambda: victim.signal(getattr(signal, how)))
         assert killed.is_set()
+        assert await asyncio.to_thread(victim.wait_exit, 20) in (0, -signal.SIGKILL)
+        await publish_numbered(survivor, range(PUBLISHED, PUBLISHED + AFTERWARDS), killed, None)
 
     for page in (alice, bob):
         for panel in ("ws", "sse"):
             await until(lambda page=page, panel=panel: _numbered_all(page, panel), 20,
                         f"{page.user}'s {panel} panel has every numbered event")
             log = await page.log(panel)
-            assert numbered(log) == list(range(PUBLISHED)), f"{page.user} {panel}: lost or duplicated"
+            assert numbered(log) == list(range(PUBLISHED + AFTERWARDS)), \
+                f"{page.user} {panel}: lost or duplicated"
             ids = [entry.id for entry in log if entry.id]
             assert len(ids) == len(set(ids)), f"{page.user} {panel}: an event shown twice"
     assert await alice.node() == survivor.name  # Alice's socket moved to the surviving node
 
-    # Presence converges on both pages: Carol leaves within --node-timeout (3 s here);
-    # Alice, who reconnected at once, never left (no flicker), still viewing doc-7.
+    # Presence converges on both pages: Carol leaves within --node-timeout (3 s here; after
+    # a drain, --disconnect-grace: 2 s); Alice, who reconnected at once, never left (no
+    # flicker), still viewing doc-7.
     for page in (alice, bob):
         for panel in ("ws", "sse"):
             await until(lambda page=page, panel=panel: _is(page.members(panel),
@@ -132,8 +141,8 @@ async def test_two_users_on_two_nodes_see_each_other_and_survive_a_node_kill(
             assert left == ["carol"], f"{page.user} {panel}: {left}"
     for page in (alice, bob):
         assert page.errors == [], page.errors
-    await screenshots(alice.page, "alice")
-    await screenshots(bob.page, "bob")
+    await screenshots(alice.page, f"alice-{how}")
+    await screenshots(bob.page, f"bob-{how}")
 
 
 async def _is(members: Any, expected: dict[str, str]) -> bool:
@@ -149,7 +158,7 @@ async def _find(log: Any, event_type: str, actor: str) -> Entry | None:
 
 
 async def _numbered_all(page: DemoPage, panel: str) -> bool:
-    return len(numbered(await page.log(panel))) >= PUBLISHED
+    return len(numbered(await page.log(panel))) >= PUBLISHED + AFTERWARDS
 
 
 # -- origins ---------------------------------------------------------------------------------
