@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway import openapi
 from gateway.auth import TokenVerifier
 from gateway.broker import Broker
 from gateway.broker_memory import MemoryBroker
@@ -80,6 +81,7 @@ def create_app(
             web.get("/healthz", health.healthz),
             web.get("/readyz", health.readyz),
             web.get("/metrics", health.metrics),
+            web.get("/openapi.json", openapi.document),
             web.get("/v1/sync/ws", ws.socket),
             web.get(f"{WORKSPACE}/sync/ws", ws.socket),
         ]

@@ -96,8 +96,15 @@ class ValidationFailed(Exception):
         Each item carries ``loc``, ``msg``, ``type``, ``input`` and ``ctx`` (``{}``
         when pydantic has none), as the reference shows them.
         """
+        try:
+            raws = json.loads(error.json(include_url=False))
+        except ValueError:
+            # An input with lone surrogates (aiohttp decodes a header's non-UTF-8 bytes so)
+            # cannot be encoded: report it with the surrogates replaced, not as a 500.
+            text = json.dumps(error.errors(include_url=False), default=str, ensure_ascii=False)
+            raws = json.loads(text.encode("utf-8", "replace"))
         items = []
-        for raw in json.loads(error.json(include_url=False)):
+        for raw in raws:
             items.append(
                 {
                     "loc": [location, *raw["loc"]],
