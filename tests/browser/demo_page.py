@@ -3,12 +3,12 @@ Everything is read from the page's DOM, never from the gateway."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+from tests.multinode.harness import eventually
 
 PANELS = ("ws", "sse")  # the WebSocket panel and the EventSource panel
 
@@ -23,17 +23,9 @@ class Entry:
     data: Any
 
 
-async def until(check: Callable[[], Awaitable[Any]], timeout: float, what: str,
-                interval: float = 0.1) -> Any:
+async def until(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
     """Await ``check()`` until it returns a truthy value (returned); fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
+    return await eventually(check, timeout, interval=0.1, what=what)
 
 
 class DemoPage:

@@ -733,8 +733,10 @@ async def members(session: aiohttp.ClientSession, node: Node, user: str = "obser
     return [member["user_id"] for member in body["members"]]
 
 
-async def eventually(check: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    """Await ``check()`` until it returns a truthy value (returned) or ``timeout`` passes."""
+async def eventually(check: Callable[[], Any], timeout: float, interval: float = 0.05,
+                     what: str = "") -> Any:
+    """Await ``check()`` until it returns a truthy value (returned) or ``timeout`` passes
+    (an AssertionError naming ``what``)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -742,4 +744,4 @@ async def eventually(check: Callable[[], Any], timeout: float, interval: float =
         if last:
             return last
         await asyncio.sleep(interval)
-    raise AssertionError(f"not true within {timeout}s (last: {last!r})")
+    raise AssertionError(f"{what + ': ' if what else ''}not true within {timeout}s (last: {last!r})")
