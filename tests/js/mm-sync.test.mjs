@@ -176,6 +176,39 @@ test('4401 gets a fresh token from the callback; a refused token backs off', asy
   assert.equal(next.last('auth').token, 'token-3');
 });
 
+test('a subscribe refused for now is asked again; one refused for good is dropped', async () => {
+  const { client, socket } = await connected();
+  const errors = [];
+  client.on('error', (error) => errors.push(error.status_code));
+  const busy = socket.last('subscribe');
+  socket.message({ op: 'error', ref: busy.ref, error: { error: 'SERVICE_UNAVAILABLE', status_code: 503 } });
+  const retry = timers.find((timer) => !timer.repeat);
+  assert.ok(retry.delay >= 500 && retry.delay <= 1500, `${retry.delay}`);
+  await fireReconnect(); // (the one-shot timer: here, the subscribe's retry)
+  const again = socket.last('subscribe');
+  assert.notEqual(again.ref, busy.ref);
+  assert.equal(again.workspace_id, 'design');
+  const secret = client.workspace('acme', 'secret');
+  const refused = socket.last('subscribe');
+  assert.equal(refused.workspace_id, 'secret');
+  socket.message({ op: 'error', ref: refused.ref, error: { error: 'RESOURCE_NOT_FOUND', status_code: 404 } });
+  assert.equal(timers.filter((timer) => !timer.repeat).length, 0);
+  assert.deepEqual(errors, [503, 404]);
+  socket.message({ op: 'event', event: { id: '1', type: 'sync.snapshot', org_id: 'acme', workspace_id: 'secret', data: { members: [] } } });
+  assert.equal(secret.lastEventId, null); // no longer followed
+});
+
+test('unsubscribing while the subscribe is unanswered still unsubscribes', async () => {
+  const { client, workspace, socket } = await connected();
+  const closing = workspace.close();
+  await settle();
+  const unsubscribe = socket.last('unsubscribe');
+  assert.equal(unsubscribe.workspace_id, 'design');
+  socket.message({ op: 'reply', ref: unsubscribe.ref, data: { subscribed: false } });
+  await closing;
+  assert.equal(client.state, 'open');
+});
+
 test('calls resolve with the reply and reject with the error body', async () => {
   const { workspace, socket } = await connected();
   const joined = workspace.join();

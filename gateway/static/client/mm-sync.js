@@ -16,6 +16,8 @@ export const CLOSE_UNAUTHORIZED = 4401;
 const CLOSE_HEARTBEAT = 4000; // our own close: a ping went unanswered
 const STABLE_MS = 1000; // a connection that lasted this long reconnects at once (with jitter)
 const QUICK_JITTER_MS = 250;
+const RESUBSCRIBE_MS = 1000; // a subscribe refused for now is asked again after 0.5-1.5 s
+const REFUSED_FOR_GOOD = [403, 404, 422];
 
 /** Error of a rejected call: the gateway's error body (REST envelope, or the 422 `detail`
  * shape) with its fields on the error itself: `err.error`, `err.status_code`, `err.details`. */
@@ -336,8 +338,9 @@ export class SyncClient extends Emitter {
     if (this.#workspaces.get(key) !== workspace) return;
     if (workspace.joined) await workspace.leave().catch(() => {});
     this.#workspaces.delete(key);
-    if (workspace.subscribed) {
-      workspace.subscribed = false;
+    workspace.subscribed = false;
+    // Also when its subscribe is still unanswered: the gateway answers in order.
+    if (this.#state === 'open') {
       await this.request('unsubscribe', { org_id: workspace.orgId, workspace_id: workspace.workspaceId })
         .catch(() => {});
     }
@@ -402,6 +405,7 @@ export class SyncClient extends Emitter {
   }
 
   #subscribe(workspace) {
+    const socket = this.#socket;
     const fields = { org_id: workspace.orgId, workspace_id: workspace.workspaceId };
     const since = workspace.lastEventId;
     this.#send({ op: 'subscribe', internal: true,
@@ -411,9 +415,20 @@ export class SyncClient extends Emitter {
         workspace.emit('subscribed', data);
       },
       reject: (error) => {
-        this.#workspaces.delete(workspaceKey(workspace.orgId, workspace.workspaceId));
+        if (this.#stopped) return; // close() rejects what is pending: nothing went wrong
         workspace.emit('error', error);
         this.emit('error', error);
+        const key = workspaceKey(workspace.orgId, workspace.workspaceId);
+        if (REFUSED_FOR_GOOD.includes(error.status_code)) {
+          this.#workspaces.delete(key); // 403, 404, 422: a retry cannot heal it
+          return;
+        }
+        // 503 (backend down, draining), 429, 500: ask again on this socket a little later.
+        setTimeout(() => {
+          if (socket === this.#socket && this.#workspaces.get(key) === workspace && !workspace.subscribed) {
+            this.#subscribe(workspace);
+          }
+        }, RESUBSCRIBE_MS / 2 + Math.random() * RESUBSCRIBE_MS);
       } });
     // What the page asked for, asserted again on this socket (its session ended with the
     // last one): viewing implies joined.
@@ -636,7 +651,7 @@ export class EventStream extends WorkspaceFeed {
     } catch (error) {
       const status = error instanceof SyncError ? error.status_code : 0;
       this.emit('error', error instanceof SyncError ? error : clientError('NETWORK', String(error)));
-      if ([403, 404, 422].includes(status)) {
+      if (REFUSED_FOR_GOOD.includes(status)) {
         this.close(); // not something a retry fixes
         return;
       }
