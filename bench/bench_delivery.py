@@ -70,6 +70,7 @@ from bench.bench_scale import (  # the helpers of the other benchmarks, reused a
     die_with_parent,
     free_port,
     masked_frame,
+    next_frame,
     node_preexec,
     own_cpu,
     raise_nofile,
@@ -263,23 +264,10 @@ class Receiver(asyncio.Protocol):
     def _ws(self, data: bytes) -> None:
         buf = self.buf
         buf += data
-        pos, size = 0, len(buf)
-        while size - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            length, head = b1 & 0x7F, 2
-            if length == 126:
-                if size - pos < 4:
-                    break
-                length, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
-            elif length == 127:
-                if size - pos < 10:
-                    break
-                length, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
-            if size - pos < head + length:
-                break
-            payload = bytes(buf[pos + head:pos + head + length])
-            pos += head + length
-            self._frame(b0 & 0x80, b0 & 0x0F, payload)
+        pos = 0
+        while (frame := next_frame(buf, pos)) is not None:
+            fin, opcode, _, payload, pos = frame
+            self._frame(fin, opcode, payload)
             if self.closing:
                 break
         del buf[:pos]

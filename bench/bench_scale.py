@@ -298,26 +298,12 @@ class Subscriber(asyncio.Protocol):
         buf = self.buf
         buf += data
         pos = 0
-        size = len(buf)
-        while size - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            length, head = b1 & 0x7F, 2
-            if length == 126:
-                if size - pos < 4:
-                    break
-                length, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
-            elif length == 127:
-                if size - pos < 10:
-                    break
-                length, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
-            if b1 & 0x80:
+        while (frame := next_frame(buf, pos)) is not None:
+            fin, opcode, masked, payload, pos = frame
+            if masked:
                 self._fail("masked server frame")
                 return
-            if size - pos < head + length:
-                break
-            payload = bytes(buf[pos + head:pos + head + length])
-            pos += head + length
-            self._frame(b0 & 0x80, b0 & 0x0F, payload)
+            self._frame(fin, opcode, payload)
             if self.transport is None or self.transport.is_closing():
                 break
         del buf[:pos]
@@ -372,6 +358,28 @@ class Failure(Exception):
     def __init__(self, kind: str, example: str) -> None:
         super().__init__(kind)
         self.kind, self.example = kind, example
+
+
+def next_frame(buf: bytearray, pos: int) -> tuple[int, int, int, bytes, int] | None:
+    """The server frame that starts at ``buf[pos]`` as ``(fin, opcode, masked, payload,
+    next_pos)``, or None while it has not arrived whole."""
+    size = len(buf)
+    if size - pos < 2:
+        return None
+    b0, b1 = buf[pos], buf[pos + 1]
+    length, head = b1 & 0x7F, 2
+    if length == 126:
+        if size - pos < 4:
+            return None
+        length, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
+    elif length == 127:
+        if size - pos < 10:
+            return None
+        length, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
+    if size - pos < head + length:
+        return None
+    payload = bytes(buf[pos + head:pos + head + length])
+    return b0 & 0x80, b0 & 0x0F, b1 & 0x80, payload, pos + head + length
 
 
 def masked_frame(opcode: int, payload: bytes) -> bytes:

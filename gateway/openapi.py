@@ -27,7 +27,6 @@ from pydantic.json_schema import SkipJsonSchema, models_json_schema
 
 from gateway import __version__
 from gateway.auth import ALL_PERMISSIONS, EVENTS_PUBLISH, PRESENCE_WRITE, SYNC_READ
-from gateway.handlers.common import json_response
 from gateway.handlers.params import (
     PresenceQuery,
     PublishBody,
@@ -35,6 +34,7 @@ from gateway.handlers.params import (
     StreamQuery,
     ViewingQuery,
 )
+from protocol.codecs import JSON
 from protocol.envelope import MAX_DEPTH, RESERVED_PREFIXES
 from protocol.errors import ApiError
 
@@ -649,6 +649,11 @@ def build() -> dict[str, Any]:
     }
 
 
+@functools.cache
+def _encoded() -> bytes:
+    return JSON.encode(build())
+
+
 async def document(request: web.Request) -> web.Response:
-    """``GET /openapi.json``."""
-    return json_response(build())
+    """``GET /openapi.json``: encoded once, however often it is asked for."""
+    return web.Response(body=_encoded(), content_type="application/json")

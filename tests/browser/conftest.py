@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,8 +20,6 @@ import pytest
 from tests.multinode.harness import Node, RedisServer
 from tests.nginx import Nginx
 from tests.processes import ROOT, free_port
-
-pytestmark = [pytest.mark.browser, pytest.mark.multinode]
 
 ARTIFACTS = ROOT / "artifacts" / "browser"
 KEEP_SCREENSHOTS = 40
@@ -77,7 +75,6 @@ class Deployment:
     nodes: list[Node]
     redis: RedisServer
     nginx: Nginx
-    extra: dict[str, object] = field(default_factory=dict)
 
     def node(self, name: str) -> Node:
         return next(node for node in self.nodes if node.name == name)
