@@ -14,6 +14,7 @@ import asyncio
 import json
 import re
 import signal
+import time
 from typing import Any
 
 import aiohttp
@@ -108,9 +109,18 @@ async def test_two_users_on_two_nodes_see_each_other_and_survive_a_node_leaving(
         # Alice's node leaves in the middle of a stream of events; more follow once it is gone.
         await publish_numbered(survivor, range(KILL_AFTER))
         victim.signal(getattr(signal, how))
+        left_at = time.monotonic()
         await publish_numbered(survivor, range(KILL_AFTER, PUBLISHED))
         assert await asyncio.to_thread(victim.wait_exit, 20) in (0, -signal.SIGKILL)
         await publish_numbered(survivor, range(PUBLISHED, PUBLISHED + AFTERWARDS))
+
+    # Carol, who was only on that node, leaves within --node-timeout of its death; after a
+    # drain, within --shutdown-delay (5 s: it still serves) + --disconnect-grace. The margin
+    # is for the 0.2 s sweeps and a loaded machine.
+    gone_within = (victim.node_timeout if how == "SIGKILL" else 5.0 + victim.disconnect_grace) + 4.0
+    await until(lambda: _gone(bob.members("ws"), "carol"),
+                max(0.1, gone_within - (time.monotonic() - left_at)),
+                f"carol gone from bob's page within {gone_within} s of {how}")
 
     for page in (alice, bob):
         for panel in ("ws", "sse"):
@@ -146,6 +156,10 @@ async def _is(members: Any, expected: dict[str, str]) -> bool:
 
 async def _has(members: Any, user: str) -> bool:
     return user in await members
+
+
+async def _gone(members: Any, user: str) -> bool:
+    return user not in await members
 
 
 async def _find(log: Any, event_type: str, actor: str) -> Entry | None:
