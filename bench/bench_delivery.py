@@ -1,9 +1,12 @@
-"""Delivery against its floor: the gateway's WebSocket and SSE delivery beside a minimal server.
+"""Delivery against its floor: the gateway's WebSocket and SSE beside a minimal server and socket.io.
 
 One invocation, one private redis-server on loopback. For each round (``--rounds``, 3) the
-three modes run in turn — the floor (``bench/floor_server.py``: bare aiohttp, encode once,
+four modes run in turn — the floor (``bench/floor_server.py``: bare aiohttp, encode once,
 write to each transport from the room's reader loop), the gateway with WebSocket
-receivers, the gateway with SSE receivers — each on two fresh server processes sharing the
+receivers, the gateway with SSE receivers, and the peer: node socket.io 4.8 over
+``@socket.io/redis-streams-adapter`` (``bench/socketio_server.mjs``; its npm packages are
+installed into ``--node-dir`` when missing, and the column is left out, with a note, when
+node or npm is not installed) — each on two fresh server processes sharing the
 redis-server (flushed between runs):
 
 1. idle: ``--idle`` (2,000) connections opened, half on each server, to a room nobody
@@ -25,8 +28,8 @@ is theirs, reported apart. Every figure is the median of the rounds; delivered f
 out-of-order and duplicate counts add up over all rounds and phases. Receivers are raw
 asyncio protocols (no task per connection) in ``--client-procs`` (2) processes; the
 publisher (HTTP ``POST``: the gateway's ``.../sync/events`` with a service token, the
-floor's ``/rooms/{room}/events``, both one ``XADD`` or append script) and its two probe
-receivers in a third. A receiver process busier than 80 % of a core is reported as
+floor's and the socket.io peer's ``/rooms/{room}/events``: one ``XADD`` or append script) and
+its two probe receivers in a third. A receiver process busier than 80 % of a core is reported as
 client-bound. Floor receivers are half WebSocket, half SSE (``--floor-transport``).
 
     .venv/bin/python bench/bench_delivery.py            # a few minutes on 2 cores
@@ -83,13 +86,16 @@ SECRET = "bench-delivery-secret-" + "d" * 32
 ORG = "bench"
 TICK = "bench.tick"
 WS_SUBPROTOCOL = "mm-sync.v1.json"
-MODES = ("floor", "ws", "sse")
-TITLES = {"floor": "floor", "ws": "gateway WS", "sse": "gateway SSE"}
+MODES = ("floor", "ws", "sse", "socketio")
+TITLES = {"floor": "floor", "ws": "gateway WS", "sse": "gateway SSE", "socketio": "node socket.io"}
 CLIENT_BOUND = 80.0  # % of one core: above it a receiver process may be what limits the phase
 
 # What a receiver reads out of an event, whatever the server and the wire format: the log
 # position of its id ("<epoch>:<ms>-<seq>") and the publisher's fields in its data.
 ID_RE = re.compile(rb'"id":"[^":]*:(\d+)-(\d+)"')
+# socket.io's: the stream entry id ("<ms>-<seq>") its connection state recovery appends to the
+# packet, 42["event",<envelope>,"<ms>-<seq>"] (its envelope's own id is the app's, not an order).
+OFFSET_RE = re.compile(rb',"(\d+)-(\d+)"\]$')
 DATA_RE = re.compile(rb'"i":\s*(\d+),\s*"t":\s*([0-9.eE+-]+),\s*"n":\s*(\d+),\s*"p":\s*(\d+)')
 
 
@@ -126,12 +132,13 @@ class Phase:
 
 
 class Receiver(asyncio.Protocol):
-    """One subscriber on a raw socket: a WebSocket (JSON text frames) or an SSE stream.
+    """One subscriber on a raw socket: a WebSocket (JSON text frames), an SSE stream, or
+    socket.io (Engine.IO v4 packets in WebSocket text frames).
 
     Ready at the server's first event (the gateway's ``sync.snapshot``, the floor's
-    ``ready``); from then on each ``bench.tick`` is accounted to its process's phase:
-    once per event index (later copies are duplicates), out of order when its log
-    position is not after the last one this receiver got.
+    ``ready``, socket.io's CONNECT ack); from then on each ``bench.tick`` is accounted to
+    its process's phase: once per event index (later copies are duplicates), out of order
+    when its log position is not after the last one this receiver got.
     """
 
     HEAD, WS, SSE = range(3)
@@ -187,6 +194,8 @@ class Receiver(asyncio.Protocol):
         self.closing = True
         if self.transport is not None and not self.transport.is_closing():
             if self.state == self.WS:
+                if self.kind == "socketio":  # socket.disconnect(): not a loss to recover from
+                    self.transport.write(masked_frame(0x1, b"41"))
                 self.transport.write(masked_frame(0x8, (1000).to_bytes(2, "big")))
             self.transport.close()
 
@@ -212,11 +221,11 @@ class Receiver(asyncio.Protocol):
         rest = bytes(self.buf[end + 4:])
         self.buf = bytearray()
         status = head.split(" ", 2)[1] if head.count(" ") >= 1 else "?"
-        expected = "101" if self.kind == "ws" else "200"
+        expected = "200" if self.kind == "sse" else "101"
         if status != expected:
             self.fail(f"HTTP {status}")
             return
-        if self.kind == "ws":
+        if self.kind != "sse":
             self.state = self.WS
             self._ws(rest)
         else:
@@ -289,11 +298,51 @@ class Receiver(asyncio.Protocol):
             if self.fragments:
                 payload = b"".join([*self.fragments, payload])
                 self.fragments = []
-            if b'"' + TICK.encode() + b'"' in payload:
+            if self.kind == "socketio":
+                self._engineio(payload)
+            elif b'"' + TICK.encode() + b'"' in payload:
                 self.worker.tick(self, payload)
             elif not self.ready.done() and (b'"type":"sync.snapshot"' in payload
                                             or payload == b'{"op":"ready"}'):
                 self.ready.set_result(None)
+
+    # -- socket.io: Engine.IO v4 over the WebSocket, one packet a text frame -----------------
+
+    def _engineio(self, packet: bytes) -> None:
+        handler = self.ENGINEIO.get(packet[:2]) or self.ENGINEIO.get(packet[:1])
+        if handler is not None:  # others (pong, noop, acks) mean nothing here
+            handler(self, packet)
+
+    def _eio_open(self, packet: bytes) -> None:  # 0{"sid",...}: connect to the main namespace
+        assert self.transport is not None
+        self.transport.write(masked_frame(0x1, b"40"))
+
+    def _eio_ping(self, packet: bytes) -> None:  # 2 -> 3: the server's keep-alive
+        assert self.transport is not None
+        self.transport.write(masked_frame(0x1, b"3" + packet[1:]))
+
+    def _sio_connected(self, packet: bytes) -> None:  # 40{"sid",...}: in the room already
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def _sio_event(self, packet: bytes) -> None:  # 42["event",<envelope>,"<ms>-<seq>"]
+        if b'"' + TICK.encode() + b'"' in packet:
+            self.worker.tick(self, packet)
+
+    def _sio_refused(self, packet: bytes) -> None:  # 44{"message"}: connect_error
+        self.fail(f"socket.io connect_error {packet[2:82].decode(errors='replace')}")
+
+    def _sio_closed(self, packet: bytes) -> None:  # 41 (namespace) or 1 (Engine.IO): let go
+        if not self.ready.done():
+            self.fail(f"socket.io closed before ready ({packet[:2].decode(errors='replace')})")
+        elif not self.closing:
+            self.worker.dropped += 1
+            self.close()
+
+    ENGINEIO: dict[bytes, Callable[[Receiver, bytes], None]] = {
+        b"0": _eio_open, b"1": _sio_closed, b"2": _eio_ping, b"40": _sio_connected,
+        b"41": _sio_closed, b"42": _sio_event, b"44": _sio_refused,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +363,8 @@ class Worker:
 
     def tick(self, receiver: Receiver, payload: bytes) -> None:
         phase = self.phase
-        position, data = ID_RE.search(payload), DATA_RE.search(payload)
+        position = (OFFSET_RE if receiver.kind == "socketio" else ID_RE).search(payload)
+        data = DATA_RE.search(payload)
         if phase is None or position is None or data is None or int(data[4]) != phase.id:
             self.stray += 1
             return
@@ -580,7 +630,8 @@ class Workers(Pool):
 
 
 class Server:
-    """One server process: ``bench/floor_server.py`` or ``python -m gateway serve``."""
+    """One server process: ``bench/floor_server.py``, ``python -m gateway serve`` or
+    ``node bench/socketio_server.mjs``."""
 
     def __init__(self, mode: str, index: int, redis_url: str, directory: Path,
                  args: argparse.Namespace) -> None:
@@ -591,6 +642,11 @@ class Server:
         if mode == "floor":
             self.argv = [sys.executable, str(ROOT / "bench" / "floor_server.py"), *common,
                          "--node-id", f"floor-{index}", "--host", "127.0.0.1"]
+            self.cwd = ROOT
+        elif mode == "socketio":
+            self.argv = [shutil.which("node") or "node", str(ROOT / "bench" / "socketio_server.mjs"),
+                         *common, "--node-id", f"sio-{index}", "--host", "127.0.0.1",
+                         "--modules", str(args.node_dir)]
             self.cwd = ROOT
         else:
             self.argv = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", *common,
@@ -610,7 +666,8 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("GATEWAY_", "NODE_")) and k != "DEBUG"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=env, stdout=log, stderr=log,
                                          preexec_fn=node_preexec)
@@ -629,6 +686,9 @@ class Server:
                         if response.status == 200:
                             if self.mode == "floor":
                                 self.loop = (await response.json()).get("loop", "?")
+                            elif self.mode == "socketio":  # what ran, for the table's header
+                                versions = (await response.json()).get("versions", {})
+                                self.loop = ", ".join(f"{k} {v}" for k, v in versions.items())
                             return
                 await asyncio.sleep(0.05)
         raise RuntimeError(f"{self.mode} server not ready in {timeout:.0f}s:\n{tail(self.log_path)}")
@@ -640,12 +700,13 @@ class Server:
                 self.proc.wait(10)
 
     def problems(self) -> list[str]:
-        """A few WARNING/ERROR lines or tracebacks of its log."""
+        """A few WARNING/ERROR lines or tracebacks of its log (the node server logs nothing
+        but problems: any of its lines)."""
         lines: list[str] = []
         with contextlib.suppress(OSError):
             for line in self.log_path.read_text(errors="replace").splitlines():
-                if (" WARNING " in line or " ERROR " in line or line.startswith("Traceback")) \
-                        and len(lines) < 5:
+                if (" WARNING " in line or " ERROR " in line or line.startswith("Traceback")
+                        or (self.mode == "socketio" and line.strip())) and len(lines) < 5:
                     lines.append(line[:200])
         return lines
 
@@ -696,6 +757,8 @@ class Profiler:
         if self.dir is None or self.exe is None:
             return
         for server in servers:
+            if server.mode == "socketio":  # py-spy reads Python stacks only
+                continue
             out = self.dir / f"{label}-{server.index}.txt"
             self.procs.append(subprocess.Popen(
                 [self.exe, "record", "-p", str(server.pid), "-f", "raw", "-o", str(out), "-r", "100",
@@ -776,17 +839,20 @@ class Dialect:
         return ("ws", "sse")[(receiver // 2) % 2]
 
     def request(self, kind: str, port: int, room: str, user: str) -> bytes:
+        lines: list[str] = []
         if self.mode == "floor":
-            path, lines = f"/rooms/{room}/{kind}", []
+            path = f"/rooms/{room}/{kind}"
+        elif self.mode == "socketio":  # the room is the handshake's query (socket.io's `query`)
+            path = f"/socket.io/?EIO=4&transport=websocket&room={room}"
         else:
             path = f"/v1/orgs/{ORG}/workspaces/{room}/sync/{'ws' if kind == 'ws' else 'stream'}"
             lines = [f"Authorization: Bearer {token(user)}"]
         lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", *lines]
-        if kind == "ws":
+        if kind != "sse":
             key = base64.b64encode(os.urandom(16)).decode()
             lines += ["Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}",
                       "Sec-WebSocket-Version: 13"]
-            if self.mode != "floor":
+            if self.mode == "ws":
                 lines.append(f"Sec-WebSocket-Protocol: {WS_SUBPROTOCOL}")
         else:
             lines += ["Accept: text/event-stream", "Cache-Control: no-cache"]
@@ -798,7 +864,7 @@ class Dialect:
         if publish == "xadd":  # the stream and channel each server follows (docs/redis.md)
             prefix = f"floor:{{{ORG}:{room}}}" if self.mode == "floor" else f"gw:{{{ORG}:{room}}}"
             return [("xadd", redis_url, f"{prefix}:log", f"{prefix}:notify")]
-        if self.mode == "floor":
+        if self.mode in ("floor", "socketio"):
             return [("http", f"{s.url}/rooms/{room}/events", {}) for s in servers]
         headers = {"Authorization": f"Bearer {token('bench-publisher', publisher=True)}"}
         return [("http", f"{s.url}/v1/orgs/{ORG}/workspaces/{room}/sync/events", headers)
@@ -988,7 +1054,7 @@ class Bench:
             self.profiler.stop()
         for name, p in (("paced", run.paced), ("saturated", run.saturated)):
             print(f"  round {run.round} {TITLES[run.mode]:<12} {name}: {p.delivered}/{p.expected} "
-                  f"delivered, {fmt(p.us_per_delivery, '.2f')} µs CPU each, "
+                  f"delivered ({p.out_of_order} out of order), {fmt(p.us_per_delivery, '.2f')} µs CPU each, "
                   f"{fmt(p.rate, ',.0f')}/s, receivers' busiest process {p.receiver_cpu:.0f} %, "
                   f"publisher {p.publisher_cpu:.0f} %", flush=True)
         await self.workers.close("live")
@@ -1138,7 +1204,7 @@ def rows(columns: dict[str, Column], publish: str) -> list[tuple[str, dict[str, 
     return out
 
 
-def print_report(columns: dict[str, Column], args: argparse.Namespace, loop: str,
+def print_report(columns: dict[str, Column], args: argparse.Namespace, loop: str, peer: str,
                  elapsed: float, profiler: Profiler | None = None) -> None:
     modes = list(columns)
     header = ["figure"]
@@ -1152,7 +1218,8 @@ def print_report(columns: dict[str, Column], args: argparse.Namespace, loop: str
           f"{args.rate:g}/s, then {args.saturate_events} with ≤ {args.in_flight} in flight, "
           f"published by {'HTTP' if args.publish == 'http' else 'XADD'}; "
           f"{args.idle} idle connections; "
-          + (f"floor: {args.floor_transport} receivers, {loop} loop; " if "floor" in columns else "") +
+          + (f"floor: {args.floor_transport} receivers, {loop} loop; " if "floor" in columns else "")
+          + (f"socket.io: {peer}; " if "socketio" in columns else "") +
           f"nproc {os.cpu_count()}; {elapsed:.0f} s; load average at start "
           f"{args.load_at_start:.2f}, at the end {os.getloadavg()[0]:.2f} (1 min)")
     print("| " + " | ".join(header) + " |")
@@ -1181,17 +1248,59 @@ def print_report(columns: dict[str, Column], args: argparse.Namespace, loop: str
 
 
 # ---------------------------------------------------------------------------------------------
+# the socket.io peer's packages: installed beside the benchmark, never into the package
+
+NODE_PACKAGES = {"socket.io": "4.8", "@socket.io/redis-streams-adapter": "0.3", "redis": "5"}
+
+
+def socketio_unavailable(args: argparse.Namespace) -> str | None:
+    """Why the socket.io column cannot run, or None once ``NODE_PACKAGES`` are in
+    ``--node-dir`` (``npm install --no-save --prefix`` there when one is missing)."""
+    if args.publish == "xadd":
+        return ("--publish xadd appends the gateway's entry format, which the socket.io "
+                "adapter does not read")
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node and npm are not both installed (Debian: apt-get install nodejs npm)"
+
+    def installed(name: str, version: str) -> bool:
+        try:
+            found = json.loads((args.node_dir / "node_modules" / name / "package.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return f"{found.get('version')}.".startswith(f"{version}.")
+
+    if all(installed(name, version) for name, version in NODE_PACKAGES.items()):
+        return None
+    print(f"bench_delivery: installing {', '.join(NODE_PACKAGES)} into {args.node_dir}", flush=True)
+    args.node_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(
+            ["npm", "install", "--no-save", "--no-audit", "--no-fund", "--prefix", str(args.node_dir),
+             *(f"{name}@{version}" for name, version in NODE_PACKAGES.items())],
+            capture_output=True, text=True, timeout=300, preexec_fn=die_with_parent)
+    except subprocess.TimeoutExpired:
+        return "npm install did not finish in 300 s"
+    if done.returncode != 0:
+        return f"npm install failed: {(done.stderr or done.stdout).strip()[-300:]}"
+    if not all(installed(name, version) for name, version in NODE_PACKAGES.items()):
+        return f"npm install left {args.node_dir} without {', '.join(NODE_PACKAGES)}"
+    return None
 
 
 async def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     args.load_at_start = os.getloadavg()[0]  # the machine may be shared: say how busy it was
+    if "socketio" in args.modes and (why := socketio_unavailable(args)) is not None:
+        print(f"bench_delivery: no node socket.io column: {why}", flush=True)
+        args.modes.remove("socketio")
+        if not args.modes:
+            return 2
     sys.path.insert(0, str(args.gateway_root))  # gateway.auth.mint_token of the code under test
     want = 2 * (args.idle + args.receivers) + 4096
     raise_nofile(want)
     workers = Workers(1 + args.client_procs, want)
     runs: dict[str, list[Run]] = {mode: [] for mode in args.modes}
-    loop = "?"
+    loop, peer = "?", "?"
     bench: Bench | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="bench-delivery-") as name:
@@ -1207,11 +1316,13 @@ async def main(args: argparse.Namespace) -> int:
                         await bench.run(run)
                         if mode == "floor":
                             loop = run.loop
+                        elif mode == "socketio":
+                            peer = run.loop
             finally:
                 redis.stop()
     finally:  # also on Ctrl-C and on --timeout: report what was measured
         workers.shutdown()
-        print_report({mode: Column(r) for mode, r in runs.items() if r}, args, loop,
+        print_report({mode: Column(r) for mode, r in runs.items() if r}, args, loop, peer,
                      time.monotonic() - started, bench.profiler if bench is not None else None)
     return 0
 
@@ -1230,7 +1341,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--idle", type=int, default=None, help="idle connections: 2000")
     parser.add_argument("--per-event", type=int, default=None, help="events of the per-event phase: 200")
     parser.add_argument("--event-bytes", type=int, default=200, help="size of an event's data JSON")
-    parser.add_argument("--modes", default="floor,ws,sse", help="columns, in the order they run")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="columns, in the order they run (socketio is left out, with a note, "
+                             "without node and npm, and with --publish xadd)")
+    parser.add_argument("--node-dir", type=Path, default=ROOT / "bench" / ".node",
+                        help="where npm installs the socket.io peer's packages when missing "
+                             "(default bench/.node, ignored by git)")
     parser.add_argument("--floor-transport", choices=("mixed", "ws", "sse"), default="mixed")
     parser.add_argument("--publish", choices=("http", "xadd"), default="http",
                         help="each server's HTTP publish (its cost is in the server figures), or "
@@ -1264,6 +1380,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.receivers < 2 or args.client_procs < 1 or args.rounds < 1:
         parser.error("need --receivers ≥ 2, --client-procs ≥ 1, --rounds ≥ 1")
     args.gateway_root = args.gateway_root.resolve()
+    args.node_dir = args.node_dir.resolve()
     return args
 
 
