@@ -26,6 +26,7 @@ import logging
 import random
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final, cast
 from urllib.parse import quote, unquote
@@ -72,10 +73,24 @@ READ_PAGE: Final = 256  # entries a resume reads per round trip
 SWEEP_BATCH: Final = 100  # workspaces handled per sweep
 SWEEP_RETRY: Final = 30.0  # a workspace the sweep failed on is tried again this much later
 IDLE_EPOCH_TTL_MS: Final = 600_000  # the epoch a read made for a workspace with no log
+APPEND_BATCH: Final = 64  # publishes of one workspace sent in one append.lua call at most
+APPENDING: Final = ("append", "presence")  # the scripts that start with _log.lua
 
 
 def _lua(name: str) -> str:
-    return resources.files("gateway").joinpath("lua", f"{name}.lua").read_text()
+    scripts = resources.files("gateway").joinpath("lua")
+    source = scripts.joinpath(f"{name}.lua").read_text()
+    if name in APPENDING:
+        return scripts.joinpath("_log.lua").read_text() + source
+    return source
+
+
+@dataclass(frozen=True, slots=True)
+class _Publish:
+    """One publish waiting for its workspace's next append (``RedisBroker.append``)."""
+
+    event: PendingEvent
+    key: str | None  # the idempotency key scoped to its publisher (``publisher_key``)
 
 
 def _escape(part: str) -> str:
@@ -214,6 +229,8 @@ class RedisBroker:
         self._sweep_failing: set[str] = set()  # workspace tags the sweep failed on (logged)
         self._presence_writes: Combiner[tuple[WorkspaceKey, str], PresenceChange, PresenceOutcome] = (
             Combiner(lambda key, changes: self._change_all(*key, changes)))
+        self._appends: Combiner[WorkspaceKey, _Publish, Envelope] = Combiner(
+            self._append_all, limit=APPEND_BATCH)
         self._dropping: asyncio.Task[None] | None = None
         self._liveness = NodeLiveness(
             redis=self._redis, slot=self._clients.slot, keys=self.keys, node_id=node_id,
@@ -266,6 +283,7 @@ class RedisBroker:
         await self._liveness.start()
 
     async def close(self) -> None:
+        await self._appends.close()
         await self._presence_writes.close()
         await self._reader.close()
         await self._liveness.close()
@@ -303,23 +321,48 @@ class RedisBroker:
         self, workspace: WorkspaceKey, event_type: str, actor: dict[str, Any], data: dict[str, Any],
         idempotency_key: str | None = None,
     ) -> Envelope:
-        pending = PendingEvent(event_type, actor, data)
-        now_ms = int(self._clock.now() * 1000)
-        published = self.keys.published(
-            workspace, publisher_key(actor, idempotency_key) if idempotency_key is not None else "")
+        """Publishes to one workspace made on this node while an append of it is under way
+        go to Redis together, in arrival order, in its next ``append.lua`` call (group
+        commit: one round trip and one notification for all of them); each caller gets its
+        own envelope and its own idempotency outcome."""
+        key = publisher_key(actor, idempotency_key) if idempotency_key is not None else None
+        return await self._appends.submit(workspace, _Publish(PendingEvent(event_type, actor, data), key))
+
+    async def _append_all(self, workspace: WorkspaceKey, publishes: list[_Publish]) -> list[Envelope]:
+        keys = self.keys
+        script_keys = [keys.epoch(workspace), keys.log(workspace), keys.notify(workspace),
+                       keys.mark(workspace)]
+        args: list[Any] = [secrets.token_hex(4), *self._trim_args(int(self._clock.now() * 1000)),
+                           self._idempotency_ttl_ms]
+        sent: list[int] = []  # the publishes the script is given (index in ``publishes``)
+        first: dict[str, int] = {}  # idempotency key -> the publish of this batch that sends it
+        for index, publish in enumerate(publishes):
+            key_index = 0
+            if publish.key is not None:
+                if publish.key in first:
+                    continue  # one key twice in a batch: the second gets what the first appended
+                first[publish.key] = index
+                script_keys.append(keys.published(workspace, publish.key))
+                key_index = len(script_keys)
+            args += [key_index, *entry_fields(publish.event, self.node_id)]
+            sent.append(index)
         with self._unavailable():
-            result = await self._append(
-                keys=[self.keys.epoch(workspace), self.keys.log(workspace),
-                      self.keys.notify(workspace), self.keys.mark(workspace), published],
-                args=[secrets.token_hex(4), *self._trim_args(now_ms),
-                      self._idempotency_ttl_ms if idempotency_key is not None else 0,
-                      *entry_fields(pending, self.node_id)],
-            )
-        if text(result[0]) == "=":  # a retry: what the first publish with this key appended
-            epoch, entry_id, kind, actor_json, data_json = json.loads(result[1])
-            pending = PendingEvent(kind, json.loads(actor_json), json.loads(data_json))
-            return issued(workspace, epoch, [entry_id], [pending])[0]
-        return issued(workspace, text(result[0]), result[1:], [pending])[0]
+            result = await self._append(keys=script_keys, args=args)
+        epoch = text(result[0])
+        envelopes = {index: self._appended(workspace, epoch, text(raw), publishes[index].event)
+                     for index, raw in zip(sent, result[1:], strict=True)}
+        return [envelopes[index if index in envelopes else first[cast(str, publish.key)]]
+                for index, publish in enumerate(publishes)]
+
+    @staticmethod
+    def _appended(workspace: WorkspaceKey, epoch: str, result: str, event: PendingEvent) -> Envelope:
+        """A publish's envelope from ``append.lua``'s answer for it: its entry id, or (a retry)
+        "=" and what the first publish with its idempotency key appended."""
+        if result.startswith("="):
+            epoch, entry_id, kind, actor_json, data_json = json.loads(result[1:])
+            event = PendingEvent(kind, json.loads(actor_json), json.loads(data_json))
+            result = entry_id
+        return issued(workspace, epoch, [result], [event])[0]
 
     async def presence_snapshot(self, workspace: WorkspaceKey) -> Snapshot:
         """Members and the position they are consistent with. Reading a workspace that has

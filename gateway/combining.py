@@ -4,7 +4,8 @@ Many concurrent writers of one record (one user's tabs, a service identity's str
 mass reconnect) would otherwise race each other by compare-and-set. Here the first call
 for a key starts a writer; calls that arrive while it writes wait and go, together and in
 arrival order, into its next batch. Each caller gets its own result (or the batch's
-exception). A caller that gave up before its batch started is left out of it.
+exception). A caller that gave up before its batch started is left out of it. With a
+``limit``, a batch takes at most that many items; the rest go in the next one.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ class Combiner(Generic[K, T, R]):
     """``submit(key, item)`` runs ``write(key, items)`` for batches of items of one key,
     never two batches of one key at once; ``write`` returns one result per item."""
 
-    def __init__(self, write: Callable[[K, list[T]], Awaitable[list[R]]]) -> None:
+    def __init__(self, write: Callable[[K, list[T]], Awaitable[list[R]]],
+                 limit: int | None = None) -> None:
+        if limit is not None and limit < 1:
+            raise ValueError("limit must be positive")
         self._write = write
+        self._limit = limit
         self._queued: dict[K, list[tuple[T, asyncio.Future[R]]]] = {}
         self._writers: set[asyncio.Task[None]] = set()
 
@@ -57,8 +62,9 @@ class Combiner(Generic[K, T, R]):
     async def _drain(self, key: K, queued: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
             while True:
-                batch = [(item, future) for item, future in queued if not future.done()]
-                queued.clear()
+                queued[:] = [(item, future) for item, future in queued if not future.done()]
+                batch = queued[:self._limit]
+                del queued[:self._limit]  # (a limited batch leaves the rest to the next, in order)
                 if not batch:
                     return
                 try:

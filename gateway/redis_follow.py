@@ -8,8 +8,14 @@ follows, one pub/sub connection per primary (``ShardListener``), and reads the l
 were notified in batches (``LogReader``: one pipeline per batch on one Redis). Idle
 workspaces cost nothing: no wake-ups, no commands.
 
-A notification is only a hint to read; the reader's cursor, not the notification, says
-what was delivered, so a lost or repeated notification never loses or repeats an event:
+A caught-up follower reads nothing: the appending script publishes the entries themselves
+(``Notice``: the epoch, the log's last id before them, and the entries as ``XRANGE`` gives
+them), and a follower whose cursor is that id, in that epoch, delivers them straight from
+the notification. Every other notification is only a hint to read — one a follower is
+not at the head for (it is behind, missed one, sees another epoch, has a read under way),
+one announcing entries too large to carry, one that cannot be parsed, a plain ``XADD``'s
+— and the reader's cursor, not the notification, says what was delivered, so a lost or
+repeated notification never loses or repeats an event:
 
 * a log is read once right after its subscription is confirmed (nothing appended while
   the subscription was being made is missed), and every log of a shard once more after
@@ -34,13 +40,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+import msgpack
 from redis.commands.core import AsyncScript
 
 from gateway.broker import Following, LogSink
 from gateway.log_entries import EntryReader, text
 from gateway.redis_topology import RedisClients, Shard
 from gateway.tasks import Backoff, pause, raise_if_cancelled, stop
-from protocol.envelope import ZERO, EntryId, EventId, WorkspaceKey
+from protocol.envelope import ZERO, EntryId, Envelope, EventId, WorkspaceKey
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +109,39 @@ class LogState:
         return not self.holds and ZERO < self.first <= seen and seen > self.deleted
 
 
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """What an append published (``gateway/lua/_log.lua``): the entries appended right
+    after ``previous`` in ``epoch``, after which the log had ever had ``added`` entries."""
+
+    epoch: str
+    previous: EntryId
+    added: int
+    last: EntryId
+    entries: list[Any]  # as XRANGE gives them: [id, [field, value, ...]]
+
+    @classmethod
+    def parse(cls, payload: Any) -> Notice | None:
+        """The notice in a notification; None for anything else (a plain id, a rotation,
+        a service's empty message, bytes that are not a well-formed notice)."""
+        if not isinstance(payload, bytes) or not payload or not 0x90 <= payload[0] <= 0x9F:
+            return None  # (a msgpack array of up to 15 items; an id starts with a digit)
+        try:
+            epoch, previous, added, entries = msgpack.unpackb(payload, raw=True)
+            position = EntryId.parse(text(previous))
+            last = position
+            for entry_id, fields in entries:
+                entry = EntryId.parse(text(entry_id))
+                if entry <= last or not isinstance(fields, list):
+                    return None
+                last = entry
+            if not entries or not isinstance(added, int):
+                return None
+            return cls(text(epoch), position, added, last, entries)
+        except Exception:
+            return None
+
+
 # What a read means for a follower at (epoch, cursor), having consumed ``consumed`` of the
 # log's ``added`` entries (None: not known yet).
 DELIVER: Final = "deliver"
@@ -145,8 +185,8 @@ class LogKeys(Protocol):
 class _Follower:
     """One sink following one workspace log."""
 
-    __slots__ = ("_reader", "closed", "consumed", "cursor", "epoch", "moves", "paused", "sink",
-                 "workspace")
+    __slots__ = ("_reader", "closed", "consumed", "cursor", "epoch", "moves", "paused", "reading",
+                 "sink", "workspace")
 
     def __init__(self, reader: LogReader, workspace: WorkspaceKey, after: EventId,
                  sink: LogSink) -> None:
@@ -158,6 +198,7 @@ class _Follower:
         self.consumed: int | None = 0 if after.entry == ZERO else None
         self.paused = False
         self.closed = False
+        self.reading = False  # a read of its log is under way: notices wait for it
         self.moves = 0  # a read issued before a move answers about another position
 
     def move_to(self, position: EventId) -> None:
@@ -171,6 +212,11 @@ class _Follower:
 
     def check(self) -> None:
         self._reader.mark(self)
+
+    def takes(self, notice: Notice) -> bool:
+        """Whether ``notice``'s entries are exactly the ones after this follower's cursor."""
+        return (not self.closed and not self.paused and not self.reading
+                and self.cursor == notice.previous and self.epoch == notice.epoch)
 
     def close(self) -> None:
         if not self.closed:
@@ -276,7 +322,10 @@ class ShardListener:
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         channel = text(message["channel"]) if message.get("channel") is not None else ""
-        if kind in ("smessage", "ssubscribe"):
+        if kind == "smessage":
+            if channel in self.channels:
+                self._reader.notified(channel, message["data"])
+        elif kind == "ssubscribe":
             if channel in self.channels:
                 self._reader.notified(channel)
         elif kind == "sunsubscribe" and channel in self.channels and channel not in self._pending:
@@ -312,6 +361,8 @@ class LogReader:
         self._listeners: dict[str, ShardListener] = {}
         self._dirty: dict[_Follower, None] = {}
         self._wake = asyncio.Event()
+        self.reads = 0  # logs read (each a read.lua call)
+        self.notices_delivered = 0  # batches a follower delivered from a notice, reading nothing
         self._drainer: asyncio.Task[None] | None = None
         self._auditor: asyncio.Task[None] | None = None
 
@@ -354,11 +405,24 @@ class LogReader:
             self._dirty[follower] = None
             self._wake.set()
 
-    def notified(self, channel: str) -> None:
+    def notified(self, channel: str, payload: Any = None) -> None:
+        """A notification on ``channel``: its followers at the head deliver what it carries;
+        the others read their log."""
         workspace = self._channels.get(channel)
-        if workspace is not None:
-            for follower in self._followers.get(workspace, ()):
+        if workspace is None:
+            return
+        notice = Notice.parse(payload)
+        batch: list[Envelope] | None = None
+        for follower in self._followers.get(workspace, ()):
+            if notice is None or not follower.takes(notice):
                 self.mark(follower)
+                continue
+            if batch is None:  # parsed once, for every follower at the head
+                batch = self._entries.envelopes(workspace, notice.epoch, notice.entries)
+            follower.cursor, follower.consumed = notice.last, notice.added
+            self.notices_delivered += 1
+            if batch:
+                self._hand(follower, batch)
 
     def moved(self, channel: str) -> None:
         """A channel whose primary dropped it: subscribe it where its slot lives now."""
@@ -444,24 +508,31 @@ class LogReader:
                 [cursor, READ_PAGE, cursor if follower.cursor != ZERO else "",
                  secrets.token_hex(4), ""],
             ))
-        results = await self._clients.run_scripts(self._read, calls)
-        retry = []
-        for follower, result, moved in zip(batch, results, moves, strict=True):
-            if follower.closed or follower.paused or follower.moves != moved:
-                # (A follower moved since is marked for a read at its new position: this
-                # answer, about the old one, would look like lost writes or a gap.)
-                continue
-            if isinstance(result, self._unavailable):
-                retry.append(follower)
-                continue
-            if isinstance(result, BaseException):
-                log.warning("cannot read a followed log; retrying",
-                            extra={"workspace": str(follower.workspace),
-                                   "problem": f"{type(result).__name__}: {str(result)[:200]}"})
-                retry.append(follower)
-                continue
-            await self._apply(follower, LogState.parse(result))
-        return retry
+        for follower in batch:
+            follower.reading = True  # notices for it wait (a read again) until its answer is in
+        try:
+            results = await self._clients.run_scripts(self._read, calls)
+            self.reads += len(batch)
+            retry = []
+            for follower, result, moved in zip(batch, results, moves, strict=True):
+                if follower.closed or follower.paused or follower.moves != moved:
+                    # (A follower moved since is marked for a read at its new position: this
+                    # answer, about the old one, would look like lost writes or a gap.)
+                    continue
+                if isinstance(result, self._unavailable):
+                    retry.append(follower)
+                    continue
+                if isinstance(result, BaseException):
+                    log.warning("cannot read a followed log; retrying",
+                                extra={"workspace": str(follower.workspace),
+                                       "problem": f"{type(result).__name__}: {str(result)[:200]}"})
+                    retry.append(follower)
+                    continue
+                await self._apply(follower, LogState.parse(result))
+            return retry
+        finally:
+            for follower in batch:
+                follower.reading = False
 
     async def _apply(self, follower: _Follower, state: LogState) -> None:
         verdict = judge(follower.epoch, follower.cursor, follower.consumed, state)
@@ -510,10 +581,14 @@ class LogReader:
             self.mark(follower)  # more to read: after the other logs of this round
         batch = self._entries.envelopes(follower.workspace, state.epoch, entries)
         if batch:
-            try:
-                follower.sink.deliver(batch)
-            except Exception:
-                log.exception("a log sink failed", extra={"workspace": str(follower.workspace)})
+            self._hand(follower, batch)
+
+    @staticmethod
+    def _hand(follower: _Follower, batch: list[Envelope]) -> None:
+        try:
+            follower.sink.deliver(batch)
+        except Exception:
+            log.exception("a log sink failed", extra={"workspace": str(follower.workspace)})
 
     async def _audit(self) -> None:
         """Read every followed log about once per audit period (at most ``AUDIT_RATE`` a

@@ -1,7 +1,7 @@
 -- presence.lua: compare-and-set one user's presence record and append the events of the
 -- transition, as one atomic step. The transition itself is computed by the caller
 -- (gateway/presence.py, pure); this script only refuses to apply it if the record or the
--- epoch changed since the caller read them.
+-- epoch changed since the caller read them. (_log.lua comes first.)
 --
 -- KEYS[1]  epoch key          <prefix>:{<org>:<ws>}:epoch
 -- KEYS[2]  records hash       <prefix>:{<org>:<ws>}:presence    user id -> record JSON
@@ -54,22 +54,20 @@ for i = 1, n do
   end
 end
 local result = {'ok', epoch}
-local fields = {}
-for i = 11 + n, #ARGV do
-  fields[#fields + 1] = ARGV[i]
-  if #fields == 8 then
-    local ok, id = pcall(redis.call, 'XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], ARGV[7] .. '-*',
-                         unpack(fields))
-    if not ok then
-      id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', unpack(fields))
-    end
-    result[#result + 1] = id
-    fields = {}
-  end
+local appended = {}
+local previous, added
+if #ARGV >= 11 + n then
+  previous, added = log_position(KEYS[3])
 end
-if #result > 2 then
+for i = 11 + n, #ARGV, 8 do
+  local fields = {unpack(ARGV, i, i + 7)}
+  local id = append_entry(KEYS[3], ARGV[8], ARGV[7], fields)
+  result[#result + 1] = id
+  appended[#appended + 1] = {id, fields}
+end
+if #appended > 0 then
   redis.call('XTRIM', KEYS[3], 'MINID', '~', ARGV[9])
-  redis.call('SET', KEYS[6], result[#result])
-  redis.call('SPUBLISH', KEYS[5], result[#result])
+  redis.call('SET', KEYS[6], appended[#appended][1])
+  notify(KEYS[5], epoch, previous, added + #appended, appended)
 end
 return result
