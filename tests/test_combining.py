@@ -81,3 +81,18 @@ async def test_closing_cancels_waiting_callers() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
     assert combiner.keys_busy == 0
+
+
+async def test_a_limited_batch_leaves_the_rest_to_the_next_in_order_and_skips_quitters() -> None:
+    store = Store()
+    store.release.set()
+    combiner: Combiner[str, int, str] = Combiner(store.write, limit=2)
+    tasks = [asyncio.create_task(combiner.submit("a", n)) for n in range(6)]
+    await asyncio.sleep(0)  # all six are queued before the writer runs
+    tasks[1].cancel()  # gave up before its batch: left out, and takes no place in one
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [r for n, r in enumerate(results) if n != 1] == ["a:0", "a:2", "a:3", "a:4", "a:5"]
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert store.batches == [("a", [0, 2]), ("a", [3, 4]), ("a", [5])]
+    with pytest.raises(ValueError):
+        Combiner(store.write, limit=0)
