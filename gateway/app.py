@@ -66,7 +66,7 @@ def create_app(
         verifier=TokenVerifier(settings, clock.now),
         metrics=Metrics(),
     )
-    app[ws.CONNECTIONS] = ws.Connections()
+    app[ws.CONNECTIONS] = ws.Connections(clock)
     app[sse.STREAMS] = sse.Streams(settings.keepalive)
     app[health.LEAVING] = asyncio.Event()
     app.add_routes(

@@ -9,6 +9,7 @@ permission is 403 with ``required_permission``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import secrets
 import time
@@ -150,12 +151,21 @@ class TokenVerifier:
         self._now = clock_now
         # A client sends the same token with every request (a publishing service, many a
         # second): its signature and claims are checked once, its times at every use.
-        # Only tokens that passed are kept (errors are not cached), at most VERIFIED_CACHE.
-        self._checked = functools.lru_cache(maxsize=VERIFIED_CACHE)(self._check)
+        # Only tokens that passed are kept (errors are not cached), at most VERIFIED_CACHE,
+        # the least recently used first out; each by its SHA-256, not itself: a token is
+        # ~400 bytes, and each connection's would stay for as long as it is cached.
+        self._verified: dict[bytes, tuple[Identity, Any]] = {}  # in order of use
 
     def verify(self, token: str) -> Identity:
         """The identity of a valid token; raises 401 ``ApiError`` for anything else."""
-        identity, nbf = self._checked(token)
+        key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        verified = self._verified.pop(key, None)
+        if verified is None:
+            verified = self._check(token)
+            if len(self._verified) >= VERIFIED_CACHE:
+                del self._verified[next(iter(self._verified))]
+        self._verified[key] = verified
+        identity, nbf = verified
         now = self._now()
         if now > identity.expires_at + self._leeway:
             raise authentication_failed("token expired")

@@ -245,9 +245,12 @@ class Feed:
         self._following = broker.follow(workspace, snapshot.position, self)
 
     def snapshot_envelope(self) -> Envelope:
+        """The replica's snapshot, as of its position (the parsed id every subscriber that starts
+        there keeps until its first live event: the replica's own)."""
+        position = self.replica.position
         return sync_envelope(
-            self.workspace, SYNC_SNAPSHOT, str(self.replica.position), self.replica.snapshot()
-        )
+            self.workspace, SYNC_SNAPSHOT, str(position), self.replica.snapshot()
+        ).known_at(position)
 
     def attach(self, subscriber: Subscriber) -> Envelope:
         """Start delivering to ``subscriber``; returns the snapshot its first event follows."""
@@ -443,7 +446,7 @@ class Replay:
                  since: str | None) -> None:
         self._broker, self._feed, self._subscriber = broker, feed, subscriber
         self._workspace, self._snapshot, self._since = feed.workspace, snapshot, since
-        self._until: EventId | None = EventId.parse(snapshot.id)
+        self._until: EventId | None = snapshot.event_id
         self.cursor: EventId | None = self._until
         self.reset = False
         self._first: list[Envelope] = []
@@ -468,7 +471,7 @@ class Replay:
 
     @property
     def _snapshot_epoch(self) -> str:
-        return EventId.parse(self._snapshot.id).epoch
+        return self._snapshot.event_id.epoch
 
     @property
     def snapshot(self) -> Envelope:
@@ -491,11 +494,11 @@ class Replay:
             return  # the feed is stuck: the resume is reset, and is never wrong
         self._subscriber.drop()  # live events of the old epoch, and the feed's Resync
         self._snapshot = self._feed.snapshot_envelope()
-        self._until = EventId.parse(self._snapshot.id)
+        self._until = self._snapshot.event_id
 
     def _reset(self, snapshot: Envelope) -> list[Envelope]:
         self.reset, self._more = True, False
-        self.cursor = EventId.parse(snapshot.id)
+        self.cursor = snapshot.event_id
         reset = sync_envelope(
             self._workspace, SYNC_RESET, snapshot.id,
             # Echoed for the client's logs: printable ASCII only (headers may carry any bytes).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -20,6 +20,7 @@ from gateway.auth import PRESENCE_WRITE, SYNC_READ, Identity
 from gateway.broker import BackendUnavailable
 from gateway.clock import Timer
 from gateway.core import Gateway
+from gateway.deadlines import Deadlines
 from gateway.hub import Replay, Subscriber, sync_envelope
 from gateway.presence import Resource
 from gateway.transports import Transport
@@ -82,32 +83,49 @@ class Session:
     subscription's replay is written. Everything the session says goes through its
     transport: ``answer`` (never blocks; a client that never reads overflows) or a
     close with a reason and farewell frames.
+
+    An idle socket holds what it needs and no more (a node holds thousands): what only some
+    sockets use — joined workspaces, replays being written and their lock, the rate limit's
+    bucket, the presence session id — is made when first needed and let go of when done
+    with; the subscriptions are a tuple (most sockets have one).
     """
 
-    __slots__ = ("_bucket", "_delivered", "_home", "_strikes", "_timer", "codec", "gateway",
-                 "identity", "joined", "replaying", "replays", "session_id", "settings",
-                 "subscriptions", "transport")
+    __slots__ = ("_bucket", "_delivered", "_expiries", "_home", "_session_id", "_strikes",
+                 "_timer", "codec", "gateway", "identity", "joined", "replaying", "replays",
+                 "settings", "subscriptions", "transport")
 
     def __init__(self, gateway: Gateway, transport: Transport, codec: Codec,
-                 identity: Identity | None) -> None:
+                 identity: Identity | None, expiries: Deadlines) -> None:
         self.gateway = gateway
+        self._expiries = expiries  # the node's (on the gateway's clock): not a loop timer each
         self.settings = gateway.settings
         self.transport = transport
         self.codec = codec
         self.identity = identity
-        self.session_id = f"ws-{secrets.token_hex(8)}"
-        self.subscriptions: dict[WorkspaceKey, Subscriber] = {}
-        self.joined: set[WorkspaceKey] = set()  # (a set per socket: few sockets join)
-        self._bucket = TokenBucket(self.settings.ws_rate_limit, self.settings.ws_rate_burst,
-                                   gateway.clock.now())
+        self._session_id: str | None = None  # made at the first join (``session_id``)
+        self.subscriptions: tuple[Subscriber, ...] = ()  # in subscription order
+        self.joined: set[WorkspaceKey] | None = None  # made at the first join
+        self._bucket: TokenBucket | None = None  # made (full) at the first message
         self._strikes = 0
         self._timer: Timer | None = None
-        self._home: tuple[WorkspaceKey, str | None] | None = None
+        self._home: tuple[WorkspaceKey, str | None] | None = None  # until authenticated
         # One replay read at a time per socket: a client resuming many workspaces at once
-        # makes the node hold one page for it, not one per subscription. (Made at the first.)
+        # makes the node hold one page for it, not one per subscription. (Both made at the
+        # first replay, dropped when no replay is left.)
         self.replays: asyncio.Lock | None = None
-        self.replaying: dict[WorkspaceKey, asyncio.Task[None]] = {}  # replays being written
+        self.replaying: dict[WorkspaceKey, asyncio.Task[None]] | None = None  # being written
         self._delivered = gateway.metrics.events_delivered.labels(TRANSPORT)
+
+    @property
+    def session_id(self) -> str:
+        """This socket's presence session (one per socket, in every workspace it joins)."""
+        if self._session_id is None:
+            self._session_id = f"ws-{secrets.token_hex(8)}"
+        return self._session_id
+
+    def subscriber(self, workspace: WorkspaceKey) -> Subscriber | None:
+        """This socket's subscription to ``workspace``, if any."""
+        return next((s for s in self.subscriptions if s.workspace == workspace), None)
 
     async def start(self, workspace: WorkspaceKey | None, since: str | None) -> None:
         """Authenticate in time, or (authenticated at the upgrade) begin."""
@@ -124,8 +142,8 @@ class Session:
         may be cancelled at its next await)."""
         if self._timer is not None:
             self._timer.cancel()
-        for workspace in tuple(self.subscriptions):
-            self._unsubscribe(workspace)
+        for subscriber in self.subscriptions:
+            self._unsubscribe(subscriber.workspace)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -133,10 +151,15 @@ class Session:
         """One client message."""
         if self.transport.closed is not None:  # closing: later messages are not answered
             return
-        if not self._bucket.take(self.gateway.clock.now()):
+        now = self.gateway.clock.now()
+        bucket = self._bucket
+        if bucket is None:  # (as full as a bucket made at the upgrade would be by now)
+            bucket = self._bucket = TokenBucket(self.settings.ws_rate_limit,
+                                                self.settings.ws_rate_burst, now)
+        if not bucket.take(now):
             self._rate_limited()
             return
-        if self._bucket.full:
+        if bucket.full:
             self._strikes = 0
         ref: str | int | None = None
         try:
@@ -194,10 +217,10 @@ class Session:
         assert self.identity is not None
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self.gateway.clock.call_at(
+        self._timer = self._expiries.call_at(
             self.identity.expires_at + self.settings.jwt_leeway, self._expire)
         if self._home is not None:
-            workspace, since = self._home
+            (workspace, since), self._home = self._home, None
             raw = {"op": "subscribe", "org_id": workspace.org_id,
                    "workspace_id": workspace.workspace_id, "since": since}
             try:
@@ -212,16 +235,16 @@ class Session:
         the last id it was given (the client resumes after it); then the close."""
         event = self.transport.encoding.event
         farewell = b"".join(
-            event(sync_envelope(workspace, SYNC_TOKEN_EXPIRED, subscriber.last_id,
+            event(sync_envelope(subscriber.workspace, SYNC_TOKEN_EXPIRED, subscriber.last_id,
                                 {"reason": "token_expired"}))
-            for workspace, subscriber in self.subscriptions.items())
+            for subscriber in self.subscriptions)
         self.transport.close("token_expired", farewell)
 
     # -- presence ----------------------------------------------------------------------
 
     async def end_presence(self) -> None:
         """Leave every joined workspace, or linger there when the node drains."""
-        if self.identity is None:
+        if self.identity is None or self.joined is None:
             return
         draining = self.transport.closed == "drain"
         for workspace in tuple(self.joined):
@@ -255,17 +278,29 @@ class Session:
                           extra={"workspace": str(subscriber.workspace)})
             self.transport.close("failed")
         finally:
-            if self.replaying.get(subscriber.workspace) is asyncio.current_task():
-                del self.replaying[subscriber.workspace]
+            replaying = self.replaying
+            if replaying is not None and replaying.get(subscriber.workspace) is asyncio.current_task():
+                self._replayed(subscriber.workspace)
+
+    def _replayed(self, workspace: WorkspaceKey) -> asyncio.Task[None] | None:
+        """Forget ``workspace``'s replay task (returned, if there was one). With the last one
+        the lock goes too: every replay that will take it is in ``replaying`` (a cancelled one
+        only lets it go)."""
+        replaying = self.replaying
+        task = replaying.pop(workspace, None) if replaying is not None else None
+        if not replaying:
+            self.replaying = self.replays = None
+        return task
 
     def _unsubscribe(self, workspace: WorkspaceKey) -> None:
-        subscriber = self.subscriptions.pop(workspace, None)
+        subscriber = self.subscriber(workspace)
         if subscriber is None:
             return
+        self.subscriptions = tuple(s for s in self.subscriptions if s is not subscriber)
         feed = self.gateway.hub.existing_feed(workspace)
         if feed is not None:
             feed.detach(subscriber)
-        replaying = self.replaying.pop(workspace, None)
+        replaying = self._replayed(workspace)
         if replaying is not None:
             replaying.cancel()
 
@@ -304,19 +339,20 @@ def _workspace_data(workspace: WorkspaceKey, **more: Any) -> dict[str, Any]:
 async def _subscribe(session: Session, message: Subscribe) -> Answer:
     workspace, gateway = message.workspace, session.gateway
     session.user.authorize(workspace, SYNC_READ)
-    if workspace in session.subscriptions:
+    if session.subscriber(workspace) is not None:
         raise ValidationFailed(({"loc": ["body", "workspace_id"],
                                  "msg": "Value error, already subscribed",
                                  "type": "value_error", "input": workspace.workspace_id,
                                  "ctx": {"error": "already subscribed"}},))
-    _check_room(session, session.subscriptions, workspace, "max_subscriptions")
+    _check_room(session, len(session.subscriptions), False, "max_subscriptions")
     if gateway.draining:
         raise ApiError("SERVICE_UNAVAILABLE", {"reason": "draining"})
     feed = await gateway.hub.feed(workspace)
-    subscriber = Subscriber(workspace, session.transport, session.settings.send_buffer,
+    # (The feed's key: one per workspace, however many subscribers hold it.)
+    subscriber = Subscriber(feed.workspace, session.transport, session.settings.send_buffer,
                             session._delivered)
     snapshot = feed.attach(subscriber)  # live events from here on wait in the subscriber
-    session.subscriptions[workspace] = subscriber
+    session.subscriptions = (*session.subscriptions, subscriber)
     try:
         replay = await Replay(gateway.broker, feed, subscriber, snapshot, message.since).start()
     except BaseException:
@@ -327,16 +363,29 @@ async def _subscribe(session: Session, message: Subscribe) -> Answer:
         workspace, subscribed=True, resumed=resumed, snapshot=replay.snapshot.to_dict())))
     # Written while the socket goes on reading: a ping, an unsubscribe or the client's
     # disappearance is noticed at once, however long the replay.
+    if session.replaying is None:
+        session.replaying = {}
     session.replaying[workspace] = asyncio.create_task(
         session._replay(subscriber, replay), name=f"ws replay {workspace}")
     return None
 
 
-def _check_room(session: Session, holding: Collection[WorkspaceKey], workspace: WorkspaceKey,
-                what: str) -> None:
-    """At most ``ws_max_subscriptions`` workspaces subscribed, and as many joined, per socket."""
-    if workspace not in holding and len(holding) >= session.settings.ws_max_subscriptions:
+def _check_room(session: Session, holding: int, holds: bool, what: str) -> None:
+    """At most ``ws_max_subscriptions`` workspaces subscribed, and as many joined, per socket
+    (``holding`` of them now; ``holds``: the one asked for is one of them)."""
+    if not holds and holding >= session.settings.ws_max_subscriptions:
         raise ApiError("RATE_LIMITED", {what: session.settings.ws_max_subscriptions})
+
+
+def _check_join(session: Session, workspace: WorkspaceKey) -> None:
+    joined = session.joined or ()
+    _check_room(session, len(joined), workspace in joined, "max_joined")
+
+
+def _joined(session: Session, workspace: WorkspaceKey) -> None:
+    if session.joined is None:
+        session.joined = set()  # (a set per socket: few sockets join)
+    session.joined.add(workspace)
 
 
 async def _unsubscribe(session: Session, message: Unsubscribe) -> Answer:
@@ -346,26 +395,27 @@ async def _unsubscribe(session: Session, message: Unsubscribe) -> Answer:
 
 async def _join(session: Session, message: Join) -> Answer:
     session.user.authorize(message.workspace, PRESENCE_WRITE)
-    _check_room(session, session.joined, message.workspace, "max_joined")
+    _check_join(session, message.workspace)
     data = await session.gateway.session_join(session.user, message.workspace, session.session_id)
-    session.joined.add(message.workspace)
+    _joined(session, message.workspace)
     return reply_message(message.ref, data)
 
 
 async def _leave(session: Session, message: Leave) -> Answer:
     session.user.authorize(message.workspace, PRESENCE_WRITE)
     data = await session.gateway.session_leave(session.user, message.workspace, session.session_id)
-    session.joined.discard(message.workspace)
+    if session.joined is not None:
+        session.joined.discard(message.workspace)
     return reply_message(message.ref, data)
 
 
 async def _viewing(session: Session, message: Viewing) -> Answer:
     session.user.authorize(message.workspace, PRESENCE_WRITE)
-    _check_room(session, session.joined, message.workspace, "max_joined")
+    _check_join(session, message.workspace)
     resource = Resource(message.resource_type, message.resource_id)
     data = await session.gateway.session_viewing(session.user, message.workspace, session.session_id,
                                               resource)
-    session.joined.add(message.workspace)
+    _joined(session, message.workspace)
     return reply_message(message.ref, data)
 
 

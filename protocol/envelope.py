@@ -125,6 +125,12 @@ class Envelope:
             object.__setattr__(self, "_event_id", parsed)
         return parsed
 
+    def known_at(self, event_id: EventId) -> Envelope:
+        """This envelope, told its id parsed (``event_id``, of which ``id`` is the text): the
+        envelopes made at one position then share one ``EventId``."""
+        object.__setattr__(self, "_event_id", event_id)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,

@@ -105,17 +105,31 @@ async def test_a_token_checked_once_is_still_judged_by_the_clock_at_every_use(cl
     assert await status_with(client, early) == 200
 
 
-async def test_only_tokens_that_passed_are_remembered_and_few_of_them(client, clock):
+async def test_only_tokens_that_passed_are_remembered_and_few_of_them(client, clock, monkeypatch):
     from gateway.auth import VERIFIED_CACHE
     from gateway.handlers.common import GATEWAY
 
-    checked = client.app[GATEWAY].verifier._checked
-    before = checked.cache_info().currsize
+    verifier = client.app[GATEWAY].verifier
+    before = len(verifier._verified)
     for n in range(5):
         forged = jwt.encode(claims(clock, sub=f"u{n}"), "not the secret" * 3, algorithm="HS256")
         assert await status_with(client, forged) == 401
-    assert checked.cache_info().currsize == before
-    assert checked.cache_info().maxsize == VERIFIED_CACHE
+    assert len(verifier._verified) == before
+    tokens = [jwt.encode(claims(clock, sub=f"v{n}"), SECRET, algorithm="HS256")
+              for n in range(VERIFIED_CACHE + 10)]
+    for token in tokens:
+        verifier.verify(token)
+        verifier.verify(tokens[0])  # used again and again: kept
+    assert len(verifier._verified) == VERIFIED_CACHE
+    assert all(len(key) == 32 for key in verifier._verified)  # each by its digest, not itself
+    checked: list[str] = []
+    check = verifier._check
+    monkeypatch.setattr(verifier, "_check", lambda token: checked.append(token) or check(token))
+    verifier.verify(tokens[0])
+    verifier.verify(tokens[-1])
+    assert checked == []  # remembered
+    verifier.verify(tokens[1])  # the least recently used: forgotten
+    assert checked == [tokens[1]]
 
 
 async def test_token_without_exp_is_refused(client, clock):

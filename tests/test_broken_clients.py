@@ -330,7 +330,8 @@ async def test_subscription_churn_leaves_nothing_per_workspace_behind(
             assert message is not None
             seen += message.get("ref", -1) in range(1000, 1050)
         [connection] = client.app[CONNECTIONS]._open
-        assert connection.subscriptions == {}
+        assert connection.subscriptions == ()
+        assert connection.replaying is None and connection.replays is None  # (let go of)
     finally:
         await raw.close()
 

@@ -237,3 +237,125 @@ async def test_one_socket_resuming_many_workspaces_holds_one_page() -> None:
                     assert message.type == aiohttp.WSMsgType.TEXT, message
                     got += JSON.decode(message.data.encode()).get("op") == "event"
             await ws.close()
+
+
+# -- what an idle socket holds (Python heap, counted with tracemalloc) ---------------------
+
+IDLE_SOCKETS = 200
+# Heap bytes an idle, authenticated, subscribed gateway socket holds beyond what a bare
+# aiohttp WebSocket answering the same upgrade holds (aiohttp's own request, parser, reader,
+# writer and heartbeat cancel out): ~1.2 KiB (the session, its transport and subscription,
+# the identity, a deadline, its frames); it was ~4 KiB before issue 16, item 3 (middleware
+# frames, a closure, eager containers, a loop timer, the token string cached as a key).
+EXTRA_HEAP_LIMIT = 2_048
+
+
+class _IdleClient(asyncio.Protocol):
+    """One raw connection: sends its upgrade, is ready once ``ready`` arrived, then only
+    reads (and drops) what comes."""
+
+    def __init__(self, request: bytes, ready: bytes) -> None:
+        self._request, self._ready, self._seen = request, ready, b""
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self._request)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.opened.done():
+            self._seen += data
+            if self._ready in self._seen:
+                self._seen = b""
+                self.opened.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"closed before ready: {self._seen[:200]!r}"))
+
+
+def upgrade_request(port: int, path: str, token: str) -> bytes:
+    """The upgrade the bench's idle clients send (bearer token, JSON subprotocol)."""
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: "
+            f"dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Protocol: mm-sync.v1.json\r\n\r\n").encode()
+
+
+async def heap_per_idle_connection(port: int, requests: list[bytes], ready: bytes) -> float:
+    """Python heap bytes per connection that ``requests`` open and leave idle (each ready once
+    ``ready`` arrived); the first tenth warms up (imports, caches, the feed) unmeasured."""
+    import gc
+    import tracemalloc
+
+    loop = asyncio.get_running_loop()
+    clients: list[_IdleClient] = []
+
+    async def open_all(batch: list[bytes]) -> None:
+        for start in range(0, len(batch), 50):
+            opened = []
+            for request in batch[start:start + 50]:
+                client = _IdleClient(request, ready)
+                await loop.create_connection(lambda c=client: c, "127.0.0.1", port)  # type: ignore[misc]
+                opened.append(client)
+            async with asyncio.timeout(30):
+                await asyncio.gather(*(client.opened for client in opened))
+            clients.extend(opened)
+
+    warm = len(requests) // 10
+    try:
+        await open_all(requests[:warm])
+        await asyncio.sleep(0.1)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            await open_all(requests[warm:])
+            await asyncio.sleep(0.1)  # what the opens started is done
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        ignore = [tracemalloc.Filter(False, tracemalloc.__file__)]
+        grown = sum(stat.size_diff for stat in after.filter_traces(ignore).compare_to(
+            before.filter_traces(ignore), "filename"))
+        return grown / (len(requests) - warm)
+    finally:
+        for client in clients:
+            if client.transport is not None:
+                client.transport.abort()
+
+
+async def test_an_idle_websocket_holds_little_beyond_aiohttp_s_own(
+    app_factory: Any, aiohttp_server: Any, settings: Any, token: Any
+) -> None:
+    """Counted, not timed: an idle socket (authenticated at the upgrade, subscribed by its
+    URL) against a bare aiohttp WebSocket answering the very same upgrades."""
+    from aiohttp import web
+
+    from protocol.ws import SUBPROTOCOLS
+
+    async def bare(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(protocols=SUBPROTOCOLS, heartbeat=settings.keepalive,
+                                   compress=False)
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    floor = web.Application()
+    floor.router.add_get(f"/v1/orgs/{ORG}/workspaces/{{workspace}}/sync/ws", bare)
+    floor_server = await aiohttp_server(floor)
+    gateway = await app_factory(settings)
+    path = f"/v1/orgs/{ORG}/workspaces/idle/sync/ws"
+    tokens = [token(f"idle{n}", workspaces="*") for n in range(IDLE_SOCKETS + IDLE_SOCKETS // 9)]
+    bare_bytes = await heap_per_idle_connection(
+        floor_server.port, [upgrade_request(floor_server.port, path, t) for t in tokens],
+        b"\r\n\r\n")
+    gateway_bytes = await heap_per_idle_connection(
+        gateway.port, [upgrade_request(gateway.port, path, t) for t in tokens], b"sync.snapshot")
+    print(f"\nPython heap per idle WebSocket: bare aiohttp {bare_bytes:.0f} B, gateway "
+          f"{gateway_bytes:.0f} B (+{gateway_bytes - bare_bytes:.0f} B)")
+    assert gateway_bytes - bare_bytes < EXTRA_HEAP_LIMIT, (bare_bytes, gateway_bytes)

@@ -9,6 +9,8 @@ origin are answered 204; of any other origin 403 in the error envelope.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -31,12 +33,18 @@ def _allowed_origin(request: web.Request) -> str | None:
 
 
 @web.middleware
-async def preflight_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer CORS preflights of known routes before routing refuses ``OPTIONS`` (405)."""
+def preflight_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    """Answer CORS preflights of known routes before routing refuses ``OPTIONS`` (405). (Not a
+    coroutine: any other request goes straight on, with no frame of this middleware kept for
+    as long as its handler runs — a WebSocket's, a stream's whole life.)"""
     if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
-        return await handler(request)
+        return handler(request)
     if request.match_info.http_exception is not None and request.match_info.http_exception.status == 404:
-        return await handler(request)  # unknown route: the usual 404
+        return handler(request)  # unknown route: the usual 404
+    return _preflight(request)
+
+
+async def _preflight(request: web.Request) -> web.Response:
     origin = _allowed_origin(request)
     if origin is None:
         raise ApiError("FORBIDDEN", {"reason": "origin_not_allowed"})

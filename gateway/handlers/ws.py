@@ -21,12 +21,17 @@ import logging
 from typing import Final
 
 from aiohttp import WSMsgType, web
+from prometheus_client import Counter
 
 from gateway.auth import bearer_token
+from gateway.clock import Clock
+from gateway.deadlines import Deadlines
 from gateway.handlers.common import gateway_of, workspace_of
+from gateway.handlers.errors import answers_own_errors, error_response
 from gateway.origins import origin_allowed
 from gateway.session import TRANSPORT, Session
 from gateway.transports import OVERFLOW, WS_ENCODINGS, Transport
+from protocol.envelope import WorkspaceKey
 from protocol.errors import ApiError
 from protocol.ws import SUBPROTOCOLS, CloseCode, codec_for
 
@@ -58,11 +63,56 @@ def check_origin(origins: list[str], allowed: tuple[str, ...]) -> None:
         raise ApiError("FORBIDDEN", {"reason": "origin_not_allowed"})
 
 
+@answers_own_errors  # (a frame of the error middleware would live as long as the socket)
 async def socket(request: web.Request) -> web.StreamResponse:
     """``GET /v1/sync/ws``: subscribe to workspaces with ``subscribe`` messages.
     ``GET .../sync/ws[?since=<id>]``: also subscribes to the path's workspace once
-    authenticated. (One handler for both: a wrapper's frame would live as long as the socket.)"""
-    workspace = workspace_of(request) if "workspace_id" in request.match_info else None
+    authenticated. (One handler for both, and one frame for the socket's life: every frame
+    under the request's lives as long as the socket, an idle one's too.)"""
+    try:
+        ws, session, socket, closer = await _upgrade(request)
+        registry = request.app[CONNECTIONS]
+        registry.add(session)
+        connections = session.gateway.metrics.connections.labels(TRANSPORT)
+        connections.inc()
+        try:
+            await session.start(*_path_subscription(request))
+            while True:
+                message = await ws.receive()
+                if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    data = message.data
+                    await session.receive(data.encode() if isinstance(data, str) else data)
+                elif message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
+                                      WSMsgType.ERROR):
+                    break
+        finally:
+            # Synchronous first: this task may be cancelled (client gone) at any await.
+            registry.discard(session)
+            session.transport.close("disconnected")  # no-op when already closed for a reason
+            session.end()
+            # A peer that never reads cannot hold the socket.
+            asyncio.get_running_loop().call_later(session.settings.ws_close_timeout * 2,
+                                                  socket.abort)
+            connections.dec()
+            # Shielded: runs to its end even if this handler is cancelled meanwhile.
+            await asyncio.shield(_finish(session, closer))
+    except Exception as exc:  # as the error middleware answers every other handler's
+        return error_response(request, exc)
+    return ws
+
+
+def _path_subscription(request: web.Request) -> tuple[WorkspaceKey | None, str | None]:
+    """On ``.../sync/ws``, the path's workspace and the ``since`` of the query, if any."""
+    if "workspace_id" not in request.match_info:
+        return None, None
+    query = request.rel_url.raw_query_string  # (none: nothing parsed, nothing kept)
+    return workspace_of(request), request.query.get("since") if query else None
+
+
+async def _upgrade(
+    request: web.Request,
+) -> tuple[web.WebSocketResponse, Session, asyncio.Transport, _Closer]:
+    """Refuse the upgrade (a REST error), or make the socket and its session."""
     gateway = gateway_of(request)
     settings = gateway.settings
     ws = web.WebSocketResponse(
@@ -84,47 +134,32 @@ async def socket(request: web.Request) -> web.StreamResponse:
         raise ConnectionResetError("client disconnected")
     await ws.prepare(request)
     codec = codec_for(ws.ws_protocol)
-    closer: list[asyncio.Task[None]] = []
+    closer = _Closer(ws, gateway.metrics.slow_consumer_disconnects.labels(TRANSPORT))
+    transport = closer.transport = Transport(
+        socket, request.protocol, WS_ENCODINGS[codec.name], settings.send_buffer,
+        grace=settings.ws_close_timeout, on_close=closer)
+    session = Session(gateway, transport, codec, identity, request.app[CONNECTIONS].deadlines)
+    return ws, session, socket, closer
 
-    def closed(reason: str) -> None:
+
+class _Closer:
+    """A socket's ``on_close``: why its transport closed -> the close frame the client gets,
+    written by a task (``task``, which the handler lets end before it does)."""
+
+    __slots__ = ("slow", "task", "transport", "ws")
+
+    def __init__(self, ws: web.WebSocketResponse, slow: Counter) -> None:
+        self.ws, self.slow = ws, slow
+        self.transport: Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def __call__(self, reason: str) -> None:
         if reason == OVERFLOW:
-            gateway.metrics.slow_consumer_disconnects.labels(TRANSPORT).inc()
+            self.slow.inc()
         close = CLOSE_REASONS.get(reason)
-        if close is not None:
-            closer.append(asyncio.create_task(_close(ws, transport, *close), name="ws closer"))
-
-    transport = Transport(socket, request.protocol, WS_ENCODINGS[codec.name],
-                          settings.send_buffer, grace=settings.ws_close_timeout, on_close=closed)
-    session = Session(gateway, transport, codec, identity)
-    connections = gateway.metrics.connections.labels(TRANSPORT)
-    registry = request.app[CONNECTIONS]
-    registry.add(session)
-    connections.inc()
-    try:
-        await session.start(workspace, request.query.get("since"))
-        await _read(ws, session)
-    finally:
-        # Synchronous first: this task may be cancelled (client gone) at any await.
-        registry.discard(session)
-        transport.close("disconnected")  # no-op when already closed for a reason
-        session.end()
-        # A peer that never reads cannot hold the socket.
-        asyncio.get_running_loop().call_later(settings.ws_close_timeout * 2, socket.abort)
-        connections.dec()
-        # Shielded: runs to its end even if this handler is cancelled meanwhile.
-        await asyncio.shield(_finish(session, closer))
-    return ws
-
-
-async def _read(ws: web.WebSocketResponse, session: Session) -> None:
-    while True:
-        message = await ws.receive()
-        if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-            data = message.data
-            await session.receive(data.encode() if isinstance(data, str) else data)
-        elif message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
-                              WSMsgType.ERROR):
-            return
+        if close is not None and self.transport is not None:
+            self.task = asyncio.create_task(_close(self.ws, self.transport, *close),
+                                            name="ws closer")
 
 
 async def _close(ws: web.WebSocketResponse, transport: Transport, code: CloseCode,
@@ -139,10 +174,10 @@ async def _close(ws: web.WebSocketResponse, transport: Transport, code: CloseCod
         transport.abort()
 
 
-async def _finish(session: Session, closer: list[asyncio.Task[None]]) -> None:
+async def _finish(session: Session, closer: _Closer) -> None:
     """Let the close handshake end (bounded), then end presence."""
-    for task in closer:
-        await task
+    if closer.task is not None:
+        await closer.task
     await session.end_presence()
 
 
@@ -150,10 +185,12 @@ async def _finish(session: Session, closer: list[asyncio.Task[None]]) -> None:
 
 
 class Connections:
-    """The node's open sockets, so that a drain reaches those with no subscription too."""
+    """The node's open sockets, so that a drain reaches those with no subscription too, and
+    their tokens' expiries (``deadlines``: one timer for all)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
         self._open: set[Session] = set()
+        self.deadlines = Deadlines(clock)
 
     def add(self, session: Session) -> None:
         self._open.add(session)
