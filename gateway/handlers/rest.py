@@ -10,6 +10,7 @@ from gateway.auth import EVENTS_PUBLISH, PRESENCE_WRITE, SYNC_READ
 from gateway.handlers.common import identify, json_response, parse, query_of
 from gateway.handlers.params import PresenceQuery, PublishBody, PublishHeaders, ViewingQuery
 from gateway.presence import Resource
+from protocol.envelope import portability_problem
 from protocol.errors import ApiError, ValidationFailed
 
 
@@ -63,6 +64,11 @@ async def publish(request: web.Request) -> web.Response:
     headers = parse(PublishHeaders, {"idempotency-key": request.headers.get("Idempotency-Key")}
                     if "Idempotency-Key" in request.headers else {}, "header")
     event = parse(PublishBody, body, "body")
+    problem = portability_problem(event.data)
+    if problem is not None:  # e.g. NaN or a 100-digit integer: msgpack clients could not get it
+        path, why = problem
+        raise ValidationFailed(({"loc": ["body", "data", *path], "msg": f"Value error, {why}",
+                                 "type": "value_error", "input": None, "ctx": {"error": why}},))
     envelope = await gateway.publish(identity, workspace, event.type, event.data,
                                      idempotency_key=headers.idempotency_key)
     return json_response(envelope.to_dict())
