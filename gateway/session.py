@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -48,6 +49,10 @@ from protocol.ws import (
 log = logging.getLogger(__name__)
 
 TRANSPORT: Final = "ws"
+# A socket's publishes under way at once, at most: a client that sends publish after publish
+# without waiting for the replies has them group-committed (``RedisBroker.append``) rather
+# than one round trip each; the next frame waits while this many are under way.
+PIPELINE: Final = 64
 
 
 class TokenBucket:
@@ -90,8 +95,8 @@ class Session:
     with; the subscriptions are a tuple (most sockets have one).
     """
 
-    __slots__ = ("_bucket", "_delivered", "_expiries", "_home", "_session_id", "_strikes",
-                 "_timer", "codec", "gateway", "identity", "joined", "replaying", "replays",
+    __slots__ = ("_bucket", "_delivered", "_expiries", "_home", "_publishing", "_session_id",
+                 "_strikes", "_timer", "codec", "gateway", "identity", "joined", "replaying", "replays",
                  "settings", "subscriptions", "transport")
 
     def __init__(self, gateway: Gateway, transport: Transport, codec: Codec,
@@ -115,6 +120,8 @@ class Session:
         self.replays: asyncio.Lock | None = None
         self.replaying: dict[WorkspaceKey, asyncio.Task[None]] | None = None  # being written
         self._delivered = gateway.metrics.events_delivered.labels(TRANSPORT)
+        # Publishes under way, oldest first (made at the first publish, dropped when none is).
+        self._publishing: deque[asyncio.Task[None]] | None = None
 
     @property
     def session_id(self) -> str:
@@ -157,6 +164,7 @@ class Session:
             bucket = self._bucket = TokenBucket(self.settings.ws_rate_limit,
                                                 self.settings.ws_rate_burst, now)
         if not bucket.take(now):
+            await self.settle()
             self._rate_limited()
             return
         if bucket.full:
@@ -167,9 +175,48 @@ class Session:
             ref = reference_of(raw)
             message = parse_client_message(raw)
         except ValidationFailed as exc:
+            await self.settle()
             self.answer(error_message(ref, exc.body()))
             return
+        if isinstance(message, Publish) and self.identity is not None:
+            await self._pipeline(message)
+            return
+        await self.settle()
         await self._dispatch(message)
+
+    async def _pipeline(self, message: Publish) -> None:
+        """Start a publish and return (once fewer than ``PIPELINE`` are under way): its
+        answer is sent after those of the publishes before it. Publishes of one workspace
+        reach the log in the order they came (the broker's queue keeps it)."""
+        publishing = self._publishing
+        if publishing is None:
+            publishing = self._publishing = deque()
+        while len(publishing) >= PIPELINE:
+            await asyncio.wait((publishing[0],))
+        task = asyncio.create_task(
+            self._publish_in_turn(message, publishing[-1] if publishing else None),
+            name="ws publish")
+        publishing.append(task)
+        task.add_done_callback(self._published)
+
+    async def _publish_in_turn(self, message: Publish, before: asyncio.Task[None] | None) -> None:
+        answer = await self._answer_to(message)
+        if before is not None:
+            await asyncio.wait((before,))
+        if answer is not None:
+            self.answer(answer)
+
+    def _published(self, task: asyncio.Task[None]) -> None:
+        publishing = self._publishing
+        if publishing is not None:
+            publishing.remove(task)  # (the oldest: each one ends after the one before it)
+            if not publishing:
+                self._publishing = None
+
+    async def settle(self) -> None:
+        """Wait until the publishes under way are answered (the next answer comes after)."""
+        if self._publishing:
+            await asyncio.wait((self._publishing[-1],))  # (which waits for the ones before)
 
     def _rate_limited(self) -> None:
         self._strikes += 1
@@ -182,19 +229,22 @@ class Session:
             self.transport.send(answer)
 
     async def _dispatch(self, message: ClientMessage) -> None:
+        answer = await self._answer_to(message)
+        if answer is not None:
+            self.answer(answer)
+
+    async def _answer_to(self, message: ClientMessage) -> dict[str, Any] | None:
         try:
             if self.identity is None and not isinstance(message, Auth):
                 raise authentication_failed()
-            answer = await OPS[type(message)](self, message)
+            return await OPS[type(message)](self, message)
         except (ApiError, ValidationFailed) as exc:
-            answer = error_message(message.ref, exc.body())
+            return error_message(message.ref, exc.body())
         except BackendUnavailable:
-            answer = error_message(message.ref, ApiError("SERVICE_UNAVAILABLE").body())
+            return error_message(message.ref, ApiError("SERVICE_UNAVAILABLE").body())
         except Exception:
             log.exception("websocket message failed", extra={"op": message.op})
-            answer = error_message(message.ref, ApiError("INTERNAL_SERVER_ERROR").body())
-        if answer is not None:
-            self.answer(answer)
+            return error_message(message.ref, ApiError("INTERNAL_SERVER_ERROR").body())
 
     # -- writing ---------------------------------------------------------------------
 
@@ -261,7 +311,7 @@ class Session:
 
     @property
     def user(self) -> Identity:
-        assert self.identity is not None  # _dispatch lets only `auth` through before
+        assert self.identity is not None  # _answer_to lets only `auth` through before
         return self.identity
 
     # -- subscriptions -----------------------------------------------------------------

@@ -21,12 +21,14 @@ from gateway.broker_redis import RedisBroker
 from gateway.presence import session_join, session_leave
 from gateway.redis_follow import Notice
 from protocol.envelope import EntryId, Envelope, EventId
-from tests.conftest import redis_url
+from tests.conftest import ORG, WORKSPACE, redis_url
 from tests.redis_nodes import WS, actor, real_time_clock
+from tests.wsclient import connect
 
 pytestmark = pytest.mark.redis
 
 clock = pytest.fixture(real_time_clock)
+HERE = {"org_id": ORG, "workspace_id": WORKSPACE}
 
 
 class Calls:
@@ -58,9 +60,11 @@ async def monitored(prefix: str) -> AsyncIterator[Calls]:
         try:
             yield calls
             # Everything before this marker was run by Redis before it: the log is complete.
-            await Redis.from_url(redis_url()).echo(f"{prefix}-done")
+            marker = Redis.from_url(redis_url())
+            await marker.echo(f"{prefix}-done")
+            await marker.aclose()
             async with asyncio.timeout(10):
-                while not any(f"{prefix}-done" in command for command in calls.seen):
+                while not any(f"{prefix}-done" in command for command in calls.seen):  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
         finally:
             listener.cancel()
@@ -83,7 +87,7 @@ class Follower:
 
     async def until(self, count: int, timeout: float = 10) -> list[Envelope]:
         async with asyncio.timeout(timeout):
-            while len(self.got) < count:
+            while len(self.got) < count:  # noqa: ASYNC110 (filled by the follower's task)
                 await asyncio.sleep(0.01)
         return self.got
 
@@ -247,3 +251,41 @@ def test_only_a_well_formed_notice_is_taken() -> None:
                 msgpack.packb(["e1", "5-0", 7, [["6-0", {"type": 1}]]]),
                 json.dumps(["e1", "5-0", 7, []]).encode()):
         assert Notice.parse(bad) is None, bad
+
+
+async def test_a_socket_s_pipelined_publishes_are_group_committed_and_answered_in_order(
+    nodes: Callable[..., Any], prefix: str, app_factory: Callable[..., Any],
+    settings: Any, token: Callable[..., str]
+) -> None:
+    broker: RedisBroker = await nodes("node-a")
+    client = await app_factory(settings, broker=broker)
+    peer = await connect(client)
+    assert (await peer.request("auth", token=token(sub="svc")))["op"] == "reply"
+    assert (await peer.request("subscribe", **HERE))["op"] == "reply"
+    assert (await peer.event())["type"] == "sync.snapshot"
+
+    def publish(n: int) -> dict[str, Any]:
+        return {"op": "publish", "ref": f"p{n}", **HERE, "type": "doc.updated", "data": {"n": n}}
+
+    # Sent back to back, without waiting: 20 publishes, a join, 5 more publishes.
+    frames = [publish(n) for n in range(20)] + [{"op": "join", "ref": "j", **HERE}]
+    frames += [publish(n) for n in range(20, 25)]
+    async with monitored(prefix) as calls:
+        for frame in frames:
+            await peer.send(frame)
+        answers, events = [], []
+        while len(answers) < len(frames) or len(events) < len(frames):
+            message = await peer.receive()
+            if message["op"] == "event":
+                events.append(message["event"])
+            else:
+                answers.append(message)
+    # One answer each, in the order sent; the log in that order too, the join included.
+    assert [a["ref"] for a in answers] == [f["ref"] for f in frames]
+    assert all(a["op"] == "reply" for a in answers), answers
+    assert [e["data"].get("n", "joined") for e in events] == [*range(20), "joined", *range(20, 25)]
+    assert [a["data"]["id"] for a in answers if a["ref"] != "j"] == [
+        e["id"] for e in events if e["type"] == "doc.updated"]
+    # Group-committed: not one append per publish (20 together, then 5 after the join).
+    assert calls.of(broker, "append") <= 3
+    await peer.close()

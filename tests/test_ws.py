@@ -665,3 +665,26 @@ async def test_plain_get_without_upgrade_is_426_envelope(client: TestClient, pat
     assert body["error"] == "UPGRADE_REQUIRED"
     assert body["details"] == {"upgrade": "websocket"}
     assert body["status_code"] == 426
+
+
+async def test_publishes_sent_back_to_back_then_a_close_all_land_in_order_before_the_leave(
+    app_factory: Callable[..., Any], settings: Settings, broker: Any, token: Callable[..., str]
+) -> None:
+    # Publishes are pipelined (answered in turn, not one after the other): a client that
+    # sends many and goes away at once must still have every one of them in the log, in the
+    # order sent, and its presence must end after them.
+    client = await app_factory(settings, broker=broker)
+    gateway = client.app[GATEWAY]
+    workspace = WorkspaceKey(ORG, WORKSPACE)
+    start = (await gateway.broker.presence_snapshot(workspace)).position
+    peer = await authed(client, token())
+    await peer.request("join", **HERE)
+    for n in range(30):
+        await peer.send({"op": "publish", "ref": n, **HERE, "type": "doc.updated", "data": {"n": n}})
+    await peer.close()
+    async with asyncio.timeout(5):
+        while not (logged := await gateway.broker.read_after(workspace, start)) or \
+                logged[-1].type != "presence.left":  # noqa: ASYNC110 (the node ends it)
+            await asyncio.sleep(0.02)
+    assert [e.type for e in logged] == ["presence.joined", *["doc.updated"] * 30, "presence.left"]
+    assert [e.data["n"] for e in logged[1:-1]] == list(range(30))

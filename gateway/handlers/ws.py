@@ -175,9 +175,11 @@ async def _close(ws: web.WebSocketResponse, transport: Transport, code: CloseCod
 
 
 async def _finish(session: Session, closer: _Closer) -> None:
-    """Let the close handshake end (bounded), then end presence."""
+    """Let the close handshake end (bounded) and the publishes under way land, then end
+    presence (after what the client published before it went)."""
     if closer.task is not None:
         await closer.task
+    await session.settle()
     await session.end_presence()
 
 
