@@ -688,3 +688,29 @@ async def test_publishes_sent_back_to_back_then_a_close_all_land_in_order_before
             await asyncio.sleep(0.02)
     assert [e.type for e in logged] == ["presence.joined", *["doc.updated"] * 30, "presence.left"]
     assert [e.data["n"] for e in logged[1:-1]] == list(range(30))
+
+
+async def test_a_publish_flood_is_answered_in_order_then_limited(
+    app_factory: Callable[..., Any], settings: Settings, broker: Any, token: Callable[..., str]
+) -> None:
+    # Publishes are under way together; the rate limit's 429s (and a malformed frame's 422)
+    # still come after the answers to the publishes sent before them.
+    client = await app_factory(with_settings(settings, ws_rate_burst=12, ws_rate_strikes=50),
+                               broker=broker)
+    peer = await connect(client, token=token())
+    frames: list[Any] = [{"op": "publish", "ref": n, **HERE, "type": "doc.updated", "data": {"n": n}}
+                         for n in range(8)]
+    frames.append({"op": "publish", "ref": "bad", **HERE, "type": "Not A Type"})
+    frames += [{"op": "publish", "ref": n, **HERE, "type": "doc.updated", "data": {"n": n}}
+               for n in range(8, 20)]
+    for frame in frames:
+        await peer.send(frame)
+    answers = [await peer.receive() for _ in frames]
+    assert [a["ref"] for a in answers][:12] == [*range(8), "bad", 8, 9, 10]
+    assert [a["op"] for a in answers][:12] == ["reply"] * 8 + ["error"] + ["reply"] * 3
+    assert_error(answers[8], 422)
+    for answer in answers[12:]:  # past the burst of 12: refused, each in its turn
+        assert_error(answer, 429, "RATE_LIMITED")
+    ids = [EventId.parse(a["data"]["id"]).entry for a in answers if a["op"] == "reply"]
+    assert ids == sorted(ids) and len(set(ids)) == 11
+    await peer.close()
