@@ -53,6 +53,7 @@ TRANSPORT: Final = "ws"
 # without waiting for the replies has them group-committed (``RedisBroker.append``) rather
 # than one round trip each; the next frame waits while this many are under way.
 PIPELINE: Final = 64
+PIPELINE_BYTES: Final = 256 * 1024  # ...and frames of at most this many bytes in all (one always)
 
 
 class TokenBucket:
@@ -95,9 +96,9 @@ class Session:
     with; the subscriptions are a tuple (most sockets have one).
     """
 
-    __slots__ = ("_bucket", "_delivered", "_expiries", "_home", "_publishing", "_session_id",
-                 "_strikes", "_timer", "codec", "gateway", "identity", "joined", "replaying", "replays",
-                 "settings", "subscriptions", "transport")
+    __slots__ = ("_bucket", "_delivered", "_expiries", "_home", "_publishing", "_publishing_bytes",
+                 "_session_id", "_strikes", "_timer", "codec", "gateway", "identity", "joined",
+                 "replaying", "replays", "settings", "subscriptions", "transport")
 
     def __init__(self, gateway: Gateway, transport: Transport, codec: Codec,
                  identity: Identity | None, expiries: Deadlines) -> None:
@@ -121,7 +122,8 @@ class Session:
         self.replaying: dict[WorkspaceKey, asyncio.Task[None]] | None = None  # being written
         self._delivered = gateway.metrics.events_delivered.labels(TRANSPORT)
         # Publishes under way, oldest first (made at the first publish, dropped when none is).
-        self._publishing: deque[asyncio.Task[None]] | None = None
+        self._publishing: deque[tuple[asyncio.Task[None], int]] | None = None  # (task, bytes)
+        self._publishing_bytes = 0
 
     @property
     def session_id(self) -> str:
@@ -179,24 +181,26 @@ class Session:
             self.answer(error_message(ref, exc.body()))
             return
         if isinstance(message, Publish) and self.identity is not None:
-            await self._pipeline(message)
+            await self._pipeline(message, len(payload))
             return
         await self.settle()
         await self._dispatch(message)
 
-    async def _pipeline(self, message: Publish) -> None:
-        """Start a publish and return (once fewer than ``PIPELINE`` are under way): its
+    async def _pipeline(self, message: Publish, size: int) -> None:
+        """Start a publish (a frame of ``size`` bytes) and return once fewer than
+        ``PIPELINE`` publishes, and fewer than ``PIPELINE_BYTES`` of them, are under way; its
         answer is sent after those of the publishes before it. Publishes of one workspace
         reach the log in the order they came (the broker's queue keeps it)."""
+        while self._publishing is not None and (
+                len(self._publishing) >= PIPELINE or self._publishing_bytes + size > PIPELINE_BYTES):
+            await asyncio.wait((self._publishing[0][0],))
         publishing = self._publishing
         if publishing is None:
             publishing = self._publishing = deque()
-        while len(publishing) >= PIPELINE:
-            await asyncio.wait((publishing[0],))
-        task = asyncio.create_task(
-            self._publish_in_turn(message, publishing[-1] if publishing else None),
-            name="ws publish")
-        publishing.append(task)
+        before = publishing[-1][0] if publishing else None
+        task = asyncio.create_task(self._publish_in_turn(message, before), name="ws publish")
+        publishing.append((task, size))
+        self._publishing_bytes += size
         task.add_done_callback(self._published)
 
     async def _publish_in_turn(self, message: Publish, before: asyncio.Task[None] | None) -> None:
@@ -208,15 +212,20 @@ class Session:
 
     def _published(self, task: asyncio.Task[None]) -> None:
         publishing = self._publishing
-        if publishing is not None:
-            publishing.remove(task)  # (the oldest: each one ends after the one before it)
-            if not publishing:
-                self._publishing = None
+        if publishing is None:
+            return
+        for index, (started, size) in enumerate(publishing):  # (the oldest, as a rule)
+            if started is task:
+                del publishing[index]
+                self._publishing_bytes -= size
+                break
+        if not publishing:
+            self._publishing = None
 
     async def settle(self) -> None:
         """Wait until the publishes under way are answered (the next answer comes after)."""
         if self._publishing:
-            await asyncio.wait((self._publishing[-1],))  # (which waits for the ones before)
+            await asyncio.wait((self._publishing[-1][0],))  # (which waits for those before)
 
     def _rate_limited(self) -> None:
         self._strikes += 1

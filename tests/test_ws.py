@@ -714,3 +714,36 @@ async def test_a_publish_flood_is_answered_in_order_then_limited(
     ids = [EventId.parse(a["data"]["id"]).entry for a in answers if a["op"] == "reply"]
     assert ids == sorted(ids) and len(set(ids)) == 11
     await peer.close()
+
+
+@pytest.mark.parametrize(("size", "most"), [(100, 64), (60_000, 4)])
+async def test_a_socket_holds_a_bounded_number_and_size_of_publishes_under_way(
+    app_factory: Callable[..., Any], settings: Settings, token: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch, size: int, most: int
+) -> None:
+    # A client that sends publishes faster than they land may have 64 under way, or 256 KiB
+    # of frames, not more: the next frame waits (its memory is bounded, not its patience).
+    client = await app_factory(with_settings(settings, ws_rate_burst=200))
+    broker = client.app[GATEWAY].broker
+    real, under_way, seen = type(broker).append, [0], [0]
+    release = asyncio.Event()
+
+    async def slow(self: Any, *args: Any, **kwargs: Any) -> Any:
+        under_way[0] += 1
+        seen[0] = max(seen[0], under_way[0])
+        await release.wait()
+        under_way[0] -= 1
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(broker), "append", slow)
+    peer = await authed(client, token())
+    for n in range(100):
+        await peer.send({"op": "publish", "ref": n, **HERE, "type": "doc.updated",
+                         "data": {"n": n, "pad": "x" * size}})
+    await asyncio.sleep(0.3)  # the socket reads what it may
+    assert seen[0] == most
+    release.set()
+    answers = [await peer.receive() for _ in range(100)]
+    assert [a["ref"] for a in answers] == list(range(100))
+    assert all(a["op"] == "reply" for a in answers), answers[0]
+    await peer.close()
