@@ -44,6 +44,7 @@ def backend_for(settings: Settings, clock: Clock) -> Broker:
         history_max_len=settings.history_max_len, history_max_age=settings.history_max_age,
         node_timeout=settings.node_timeout, key_prefix=settings.redis_key_prefix,
         max_connections=settings.redis_max_connections, idempotency_ttl=settings.idempotency_ttl,
+        allow_eviction=settings.redis_allow_eviction,
     )
 
 

@@ -31,6 +31,11 @@ class BackendUnavailable(Exception):
     """The backend cannot be reached now; callers answer 503 and retry later."""
 
 
+class BackendRefused(Exception):
+    """The backend is set up in a way the gateway cannot run on safely (``start``): the
+    message says what to change."""
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """Members of a workspace, consistent with the log up to and including ``position``."""

@@ -35,10 +35,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.broker import (
+    BackendRefused,
     BackendUnavailable,
     Following,
     HistoryGone,
@@ -65,8 +66,12 @@ from protocol.envelope import ZERO, EntryId, Envelope, EventId, WorkspaceKey
 
 log = logging.getLogger(__name__)
 
-# Errors that mean "Redis cannot serve us now" (not "the request is wrong").
-UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+# Errors that mean "Redis cannot serve us now" (not "the request is wrong"). Out of memory
+# (``maxmemory`` under ``noeviction``) refuses writes that would grow it: 503 until it frees.
+UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError,
+                      OSError)
+# The only ``maxmemory-policy`` under which Redis never deletes a key the gateway relies on.
+SAFE_POLICY: Final = "noeviction"
 
 CAS_ATTEMPTS: Final = 100  # a presence change retried this often against other nodes, then 503
 READ_PAGE: Final = 256  # entries a resume reads per round trip
@@ -192,6 +197,7 @@ class RedisBroker:
         pool_wait: float = 2.0,
         audit_period: float = 60.0,
         idempotency_ttl: float = 300.0,
+        allow_eviction: bool = False,
     ) -> None:
         if not node_id or any(char in node_id for char in "{}"):
             raise ValueError("node_id must be non-empty and free of '{' and '}'")
@@ -206,6 +212,7 @@ class RedisBroker:
         self._max_len = history_max_len
         self._max_age_ms = int(history_max_age * 1000)
         self._idempotency_ttl_ms = max(1, int(idempotency_ttl * 1000))
+        self._allow_eviction = allow_eviction
         # Commands hold a connection for one round trip, and wait (at most ``pool_wait``,
         # then BackendUnavailable) for one of ``max_connections`` per primary.
         self._clients = RedisClients(url, max_connections=max_connections, pool_wait=pool_wait,
@@ -276,11 +283,34 @@ class RedisBroker:
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect, reap what a previous process with this node id left, start beating."""
+        """Connect, check that Redis keeps every key, reap what a previous process with this
+        node id left, start beating."""
         with self._unavailable():
             await self._clients.start()
             await self._redis.ping()
+            await self._check_eviction()
         await self._liveness.start()
+
+    async def _check_eviction(self) -> None:
+        """Refuse a Redis that may evict keys (``BackendRefused``), unless allowed (then log
+        it as an error): presence records, epochs, marks, liveness and idempotency keys would
+        go silently — members who stay, reaped nodes whose users linger, resets, publishes
+        appended twice. Where ``CONFIG`` is not allowed, say so and go on."""
+        try:
+            policies = sorted(set(await self._clients.config("maxmemory-policy")))
+        except ResponseError as exc:
+            log.info("cannot read Redis's maxmemory-policy; it must be noeviction (docs/redis.md)",
+                     extra={"problem": str(exc)[:200]})
+            return
+        unsafe = [policy for policy in policies if policy != SAFE_POLICY]
+        if not unsafe:
+            return
+        problem = (f"Redis's maxmemory-policy is {', '.join(unsafe)}: it may evict the gateway's "
+                   f"keys (presence records, epochs, node liveness, idempotency keys); set "
+                   f"maxmemory-policy {SAFE_POLICY}")
+        if not self._allow_eviction:
+            raise BackendRefused(f"{problem} (or start with --redis-allow-eviction)")
+        log.error(f"{problem}; running anyway (--redis-allow-eviction)")
 
     async def close(self) -> None:
         await self._appends.close()

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gateway import logs
 from gateway.auth import ALL_PERMISSIONS, mint_token
+from gateway.broker import BackendRefused
 from gateway.config import Settings, add_settings_arguments, base_url, is_loopback, settings_from
 
 log = logging.getLogger("gateway")
@@ -130,13 +131,18 @@ def serve(settings: Settings, *, dev: bool = False) -> int:
         print("serve: --event-loop uvloop needs uvloop: pip install -e \".[fast]\"", file=sys.stderr)
         return 2
     log.info("event loop", extra={"event_loop": "uvloop" if loop_factory else "asyncio"})
-    web.run_app(
-        app, host=settings.host, port=settings.port, access_log_class=AccessLogger,
-        loop=loop_factory() if loop_factory else asyncio.new_event_loop(),
-        print=lambda *_: log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}"}),
-        # Room for sockets to answer their close frame before the backend closes.
-        shutdown_timeout=max(5.0, settings.ws_close_timeout + 2.0), handle_signals=True,
-    )
+    try:
+        web.run_app(
+            app, host=settings.host, port=settings.port, access_log_class=AccessLogger,
+            loop=loop_factory() if loop_factory else asyncio.new_event_loop(),
+            print=lambda *_: log.info("listening",
+                                      extra={"url": f"http://{settings.host}:{settings.port}"}),
+            # Room for sockets to answer their close frame before the backend closes.
+            shutdown_timeout=max(5.0, settings.ws_close_timeout + 2.0), handle_signals=True,
+        )
+    except BackendRefused as exc:  # e.g. a Redis that may evict the gateway's keys
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

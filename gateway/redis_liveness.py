@@ -98,6 +98,7 @@ class NodeLiveness:
         (``request_reassert``), however long they take."""
         heartbeat = Heartbeat(self._node_timeout / 3)
         while True:
+            failure: Exception | None = None  # (an unforeseen one, logged with its traceback)
             try:
                 # Through the guard: a beat that finds its connection dead or on a demoted
                 # primary (READONLY) drops the idle pooled connections, so the next beat
@@ -108,12 +109,14 @@ class NodeLiveness:
             except self._beat_errors:
                 raise_if_cancelled()
                 step = heartbeat.failed(unavailable=True)
-            except Exception:  # an unforeseen failure must not stop the heartbeat for good
+            except Exception as exc:  # an unforeseen failure must not stop the heartbeat for good
                 raise_if_cancelled()
                 step = heartbeat.failed(unavailable=False)
+                failure = exc
             if step.log is not None:
                 level, message = step.log
-                getattr(log, level)(message, extra={"node_id": self.node_id})
+                getattr(log, level)(message, extra={"node_id": self.node_id},
+                                    exc_info=failure if level == "exception" else None)
             if step.reassert:
                 self.request_reassert()
             await pause(step.sleep)

@@ -270,6 +270,22 @@ class RedisClients:
             shard = self._shards[name] = Shard(name, client)
         return shard
 
+    async def config(self, name: str) -> list[str]:
+        """The value of the configuration parameter ``name`` on every primary (raises
+        ``ResponseError`` where ``CONFIG`` is not allowed, as on many managed Redis)."""
+        if self.is_cluster:
+            answers = [await self.commands.execute_command("CONFIG", "GET", name, target_nodes=node)
+                       for node in self.commands.get_primaries()]
+        else:
+            answers = [await self.commands.execute_command("CONFIG", "GET", name)]
+        values = []
+        for answer in answers:
+            pairs = answer if isinstance(answer, dict) else dict(zip(answer[::2], answer[1::2],
+                                                                       strict=True))
+            values += [value.decode() if isinstance(value, bytes) else str(value)
+                       for value in pairs.values()]
+        return values
+
     async def refresh(self) -> None:
         """Learn the cluster's current slots (after a failover or a resharding)."""
         if self.is_cluster:

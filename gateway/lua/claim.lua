@@ -1,4 +1,6 @@
+#!lua flags=allow-oom
 -- claim.lua: claim the right to remove a dead node's sessions (one reaper at a time).
+-- (allow-oom: reaping a dead node frees memory: it must run when Redis is full.)
 --
 -- KEYS[1]  alive key          <prefix>:{node:<id>}:alive
 -- KEYS[2]  reaping key        <prefix>:{node:<id>}:reaping

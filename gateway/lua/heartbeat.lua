@@ -1,4 +1,7 @@
+#!lua flags=allow-oom
 -- heartbeat.lua: a node says it is alive for another node_timeout.
+-- (allow-oom: a node out of memory must still say it is alive (its
+-- key exists; the SET replaces it), or its peers reap its users.)
 --
 -- KEYS[1]  alive key          <prefix>:{node:<id>}:alive     value: the process's incarnation
 -- KEYS[2]  reaping key        <prefix>:{node:<id>}:reaping   held while a peer removes its sessions
