@@ -78,6 +78,7 @@ from bench.bench_scale import (  # the helpers of the other benchmarks, reused a
     own_cpu,
     raise_nofile,
     rss_kib,
+    run_bounded,
     serve_pipe,
     tail,
 )
@@ -1385,17 +1386,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
-
-    async def bounded() -> int:
-        return await asyncio.wait_for(main(arguments), arguments.timeout)
-
-    try:
-        sys.exit(asyncio.run(bounded()))
-    except TimeoutError:
-        print(f"bench_delivery: stopped after --timeout {arguments.timeout:g}s", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("bench_delivery: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_bounded("bench_delivery", main, parse_args())

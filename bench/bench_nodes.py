@@ -53,7 +53,6 @@ import contextlib
 import itertools
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -78,7 +77,7 @@ from bench.bench_delivery import (  # the delivery benchmark's servers, receiver
     quiet,
     xadd_sender,
 )
-from bench.bench_scale import RedisProc, cpu_seconds, raise_nofile
+from bench.bench_scale import RedisProc, cpu_seconds, raise_nofile, run_bounded
 
 FLOOR = "floor"
 
@@ -569,17 +568,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
-
-    async def bounded() -> int:
-        return await asyncio.wait_for(main(arguments), arguments.timeout)
-
-    try:
-        sys.exit(asyncio.run(bounded()))
-    except TimeoutError:
-        print(f"bench_nodes: stopped after --timeout {arguments.timeout:g}s", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("bench_nodes: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_bounded("bench_nodes", main, parse_args())

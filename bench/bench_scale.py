@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -1261,9 +1261,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-if __name__ == "__main__":
-    arguments = parse_args()
-    # SIGTERM cleans up like Ctrl-C: the running case's node and redis are stopped.
+def run_bounded(name: str, main: Callable[[Any], Awaitable[int]], arguments: Any) -> NoReturn:
+    """Run ``main(arguments)`` for at most ``arguments.timeout`` seconds and exit with its
+    code; SIGTERM cleans up like Ctrl-C (every process started is stopped by its PID)."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     async def bounded() -> int:
@@ -1272,8 +1272,12 @@ if __name__ == "__main__":
     try:
         sys.exit(asyncio.run(bounded()))
     except TimeoutError:
-        print(f"bench_scale: stopped after --timeout {arguments.timeout:g}s", file=sys.stderr)
+        print(f"{name}: stopped after --timeout {arguments.timeout:g}s", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("bench_scale: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_bounded("bench_scale", main, parse_args())
