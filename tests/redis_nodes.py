@@ -6,6 +6,7 @@ A pytest plugin (``tests/conftest.py`` loads it): the fixtures ``prefix``, ``raw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,7 @@ from gateway.clock import ManualClock
 from protocol.envelope import Envelope, EventId, WorkspaceKey
 from tests.conftest import redis_url
 
-__all__ = ["WS", "actor", "collect", "nodes", "prefix", "raw", "real_time_clock"]
+__all__ = ["WS", "actor", "collect", "nodes", "prefix", "raw", "real_time_clock", "started_nodes"]
 
 WS = WorkspaceKey("org-1", "ws-1")
 
@@ -47,24 +48,30 @@ async def raw() -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-@pytest.fixture
-async def nodes(prefix: str, clock: ManualClock) -> AsyncIterator[Callable[..., Any]]:
-    """``await nodes("a", node_timeout=..)``: started RedisBrokers sharing one key prefix."""
+@contextlib.asynccontextmanager
+async def started_nodes(url: str, **defaults: Any) -> AsyncIterator[Callable[..., Any]]:
+    """``await make("a", **options)``: started RedisBrokers on ``url``, closed at the end."""
     started: list[RedisBroker] = []
 
     async def make(node_id: str, **kwargs: Any) -> RedisBroker:
-        options: dict[str, Any] = {
-            "clock": clock, "history_max_len": 1000, "history_max_age": 3600.0,
-            "node_timeout": 15.0, "key_prefix": prefix, **kwargs,
-        }
-        broker = RedisBroker(redis_url(), node_id=node_id, **options)
+        broker = RedisBroker(url, node_id=node_id, **{**defaults, **kwargs})
         await broker.start()
         started.append(broker)
         return broker
 
-    yield make
-    for broker in started:
-        await broker.close()
+    try:
+        yield make
+    finally:
+        for broker in started:
+            await broker.close()
+
+
+@pytest.fixture
+async def nodes(prefix: str, clock: ManualClock) -> AsyncIterator[Callable[..., Any]]:
+    """``await nodes("a", node_timeout=..)``: started RedisBrokers sharing one key prefix."""
+    async with started_nodes(redis_url(), clock=clock, history_max_len=1000,
+                             history_max_age=3600.0, node_timeout=15.0, key_prefix=prefix) as make:
+        yield make
 
 
 async def collect(broker: RedisBroker, after: EventId, count: int, timeout: float = 10) -> list[Envelope]:

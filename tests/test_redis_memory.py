@@ -24,7 +24,7 @@ from protocol.envelope import Envelope
 from tests.conftest import BASE, auth
 from tests.multinode.harness import RedisServer
 from tests.processes import run_cli
-from tests.redis_nodes import WS, actor, real_time_clock
+from tests.redis_nodes import WS, actor, real_time_clock, started_nodes
 
 pytestmark = pytest.mark.redis
 
@@ -44,18 +44,9 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, Redis]]:
 
 @pytest.fixture
 async def brokers(server: tuple[RedisServer, Redis], clock: Any) -> AsyncIterator[Callable[..., Any]]:
-    started: list[RedisBroker] = []
-
-    async def make(node_id: str, **kwargs: Any) -> RedisBroker:
-        broker = RedisBroker(server[0].url, node_id=node_id, clock=clock, key_prefix="mem",
-                             **{"node_timeout": 1.5, **kwargs})
-        await broker.start()
-        started.append(broker)
-        return broker
-
-    yield make
-    for broker in started:
-        await broker.close()
+    async with started_nodes(server[0].url, clock=clock, key_prefix="mem",
+                             node_timeout=1.5) as make:
+        yield make
 
 
 async def fill(client: Redis) -> int:
