@@ -17,13 +17,14 @@ retry on errors, timeouts and 503 with the same key, on any node.
 Faults (seeded, sequential for nodes and Redis, concurrent for clients): SIGKILL and restart
 a node; SIGSTOP then SIGCONT a node; SIGTERM (drain) and restart; restart Redis gracefully
 (AOF keeps everything); SIGKILL Redis and restart it without its data (history really lost);
-clients that vanish mid-replay (resume from far back, drop the TCP connection) and clients
+make Redis full for a moment (``maxmemory`` below what it uses, ``noeviction``); clients that vanish mid-replay (resume from far back, drop the TCP connection) and clients
 that stop reading.
 
 Checked afterwards (docs/chaos.md): (a) every client got every event of its workspaces
 exactly once and in order from its start point, or a ``sync.reset`` where history was really
 lost; (b) no idempotency key was appended twice; (c) presence converges on every node to
-the sessions actually alive; (d) node RSS stays under a cap and does not grow. Exit status 1
+the sessions actually alive; (d) node RSS stays under a cap and does not grow; (e) no publish
+was answered 500. Exit status 1
 on any violation, printing the first one with its history.
 """
 
@@ -71,10 +72,11 @@ KEEPALIVE: Final = 2.0  # the nodes' --keepalive: SSE comments and WebSocket pin
 IDLE: Final = 2.5 * KEEPALIVE  # nothing read for this long: the node is gone (or stopped)
 SETTLE_SLACK: Final = 4.0  # heartbeat phase + a sweep + delivery, on a loaded 2-core machine
 RETRYABLE: Final = frozenset({409, 425, 429, 500, 502, 503, 504})
-INFRA_KINDS: Final = ("node_kill", "node_pause", "node_drain", "redis_restart", "redis_wipe")
+INFRA_KINDS: Final = ("node_kill", "node_pause", "node_drain", "redis_restart", "redis_wipe",
+                       "redis_full")
 CLIENT_KINDS: Final = ("client_vanish", "client_stall")
 INFRA_WEIGHTS: Final = {"node_kill": 3, "node_pause": 3, "node_drain": 3, "redis_restart": 2,
-                        "redis_wipe": 1}
+                        "redis_wipe": 1, "redis_full": 1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,6 +552,15 @@ def presence_mismatches(t: float, expected: dict[str, set[str]],
         violations += [Violation(t, "presence_missing", f"{user} has a live session but is no member on {node} "
                                  f"({when})", workspace=workspace, subject=user) for user in sorted(alive - members)]
     return violations
+
+
+def check_answers(recorder: Recorder) -> list[Violation]:
+    """(e): no publish was ever answered 500. A backend that cannot serve (down, restarting,
+    full, demoted) is a 503 the client may retry; a 500 is a bug, retried or not."""
+    return [Violation(t, "server_error", f"publish {publish.key} on {node}: {outcome}",
+                      workspace=publish.workspace, subject=publish.key)
+            for publish in recorder.publishes.values()
+            for t, node, outcome in publish.attempts if outcome in ("HTTP 500", "error 500")]
 
 
 def check_memory(samples: Sequence[RssSample], cap_mb: float, growth_mb: float) -> list[Violation]:
@@ -1154,6 +1165,7 @@ class Faults:
         actions: dict[str, Callable[[PlannedFault], Awaitable[str]]] = {
             "node_kill": self.node_kill, "node_pause": self.node_pause, "node_drain": self.node_drain,
             "redis_restart": self.redis_restart, "redis_wipe": self.redis_wipe,
+            "redis_full": self.redis_full,
         }
         while (fault := self.plan.next_infra()) is not None:
             await asyncio.sleep(fault.gap)
@@ -1238,6 +1250,19 @@ class Faults:
         await asyncio.sleep(fault.length)
         await asyncio.to_thread(redis.start)
         return f"SIGKILL, AOF deleted, down {fault.length:.1f}s" + await self.seed_ballast()
+
+    async def redis_full(self, fault: PlannedFault) -> str:
+        """Redis out of memory (``noeviction``): ``maxmemory`` 1 MB below what it uses, so every
+        write that would grow it is refused, then no limit again."""
+        client = Redis.from_url(self.world.redis.url)
+        try:
+            used = (await client.info("memory"))["used_memory"]
+            await client.config_set("maxmemory", max(1, used - 1_000_000))
+            await asyncio.sleep(fault.length)
+            await client.config_set("maxmemory", 0)
+        finally:
+            await client.aclose()
+        return f"maxmemory {used - 1_000_000} (1 MB below used) for {fault.length:.1f}s"
 
     async def vanish(self, fault: PlannedFault, index: int) -> None:
         """A client that joins, resumes from far back, reads ``fault.count`` events, stops
@@ -1516,7 +1541,7 @@ class Scenario:
         report.violations = sorted(
             [*recorder.violations,
              *check_deliveries(recorder, known, ends, report.tally),
-             *check_keys(recorder, known, logs, epochs),
+             *check_keys(recorder, known, logs, epochs), *check_answers(recorder),
              *check_memory(recorder.rss, self.world.options.rss_cap_mb, self.world.options.rss_growth_mb)],
             key=lambda v: v.t)
         for client in self.ws:

@@ -15,6 +15,7 @@ from bench.chaos import (
     Tally,
     Violation,
     build_known,
+    check_answers,
     check_deliveries,
     check_keys,
     check_memory,
@@ -190,3 +191,17 @@ def test_memory_over_the_cap_or_growing() -> None:
     growing = [RssSample(float(t), "node-a", 1, 70_000 + t * 4_000) for t in range(120)]
     assert [v.kind for v in check_memory(growing, 512, 96)] == ["rss_over_cap", "rss_growth"]
     assert all(isinstance(v, Violation) for v in check_memory(growing, 512, 96))
+
+
+def test_a_publish_answered_500_is_flagged_even_when_a_retry_landed() -> None:
+    recorder = Recorder()
+    recorder.publishes["k1"] = Publish("k1", WS, "pub", [(1.0, "node-a", "HTTP 503"),
+                                                         (1.2, "node-b", "200 e:1-0")], "e:1-0", 1.2)
+    assert check_answers(recorder) == []  # a 503 retried is what the API promises
+    recorder.publishes["k2"] = Publish("k2", WS, "pub", [(2.0, "node-a", "HTTP 500"),
+                                                         (2.3, "node-a", "200 e:2-0")], "e:2-0", 2.3)
+    recorder.publishes["k3"] = Publish("k3", WS, "ws-pub", [(3.0, "node-c", "error 500"),
+                                                            (3.1, "node-c", "reply e:3-0")], "e:3-0", 3.1)
+    flagged = check_answers(recorder)
+    assert [(v.kind, v.subject, v.t) for v in flagged] == [("server_error", "k2", 2.0),
+                                                           ("server_error", "k3", 3.0)]
