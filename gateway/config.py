@@ -40,9 +40,10 @@ class Settings:
         "command connections per Redis primary (each node also holds one pub/sub connection "
         "per primary for the logs it follows)"))
     redis_allow_eviction: bool = field(default=False, metadata=_meaning(
-        "start even when Redis's maxmemory-policy is not noeviction (it may then evict presence "
-        "records, epochs, liveness and idempotency keys: logged as an error); 1/true/yes or "
-        "0/false/no, the flag alone means on", "off: such a Redis is refused at start-up"))
+        "start even when Redis's maxmemory-policy is not noeviction (refused at start-up "
+        "otherwise: it may evict presence records, epochs, liveness and idempotency keys; "
+        "allowed, it is logged as an error); 1/true/yes or 0/false/no, the flag alone means on",
+        "off"))
     node_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{secrets.token_hex(3)}",
         metadata=_meaning("this node's name in presence sessions, logs and the X-Gateway-Node "
