@@ -289,3 +289,26 @@ async def test_a_socket_s_pipelined_publishes_are_group_committed_and_answered_i
     # Group-committed: not one append per publish (20 together, then 5 after the join).
     assert calls.of(broker, "append") <= 3
     await peer.close()
+
+
+async def test_concurrent_rest_publishes_are_group_committed_too(
+    nodes: Callable[..., Any], prefix: str, app_factory: Callable[..., Any],
+    settings: Any, token: Callable[..., str]
+) -> None:
+    broker: RedisBroker = await nodes("node-a")
+    client = await app_factory(settings, broker=broker)
+    headers = {"Authorization": f"Bearer {token(sub='svc')}"}
+    path = f"/v1/orgs/{ORG}/workspaces/{WORKSPACE}/sync/events"
+
+    async def publish(n: int) -> dict[str, Any]:
+        response = await client.post(path, headers=headers, json={"type": "doc.updated",
+                                                                   "data": {"n": n}})
+        assert response.status == 200, await response.text()
+        return dict(await response.json())
+
+    await publish(-1)  # (the connections' and the script's first use)
+    async with monitored(prefix) as calls:
+        answers = await asyncio.gather(*(publish(n) for n in range(20)))
+    assert len({a["id"] for a in answers}) == 20
+    # Requests that arrive while an append is under way wait and go in the next one.
+    assert calls.of(broker, "append") <= 5
