@@ -21,7 +21,7 @@ from gateway.broker_redis import RedisBroker
 from gateway.presence import session_join, session_leave
 from gateway.redis_follow import Notice
 from protocol.envelope import EntryId, Envelope, EventId
-from tests.conftest import ORG, WORKSPACE, redis_url
+from tests.conftest import BASE, ORG, WORKSPACE, auth, redis_url
 from tests.redis_nodes import WS, actor, real_time_clock
 from tests.wsclient import connect
 
@@ -297,12 +297,11 @@ async def test_concurrent_rest_publishes_are_group_committed_too(
 ) -> None:
     broker: RedisBroker = await nodes("node-a")
     client = await app_factory(settings, broker=broker)
-    headers = {"Authorization": f"Bearer {token(sub='svc')}"}
-    path = f"/v1/orgs/{ORG}/workspaces/{WORKSPACE}/sync/events"
+    headers = auth(token(sub="svc"))
 
     async def publish(n: int) -> dict[str, Any]:
-        response = await client.post(path, headers=headers, json={"type": "doc.updated",
-                                                                   "data": {"n": n}})
+        response = await client.post(f"{BASE}/events", headers=headers,
+                                     json={"type": "doc.updated", "data": {"n": n}})
         assert response.status == 200, await response.text()
         return dict(await response.json())
 
