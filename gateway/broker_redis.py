@@ -48,7 +48,7 @@ from gateway.broker import (
     Snapshot,
     publisher_key,
 )
-from gateway.clock import Clock, SystemClock
+from gateway.clock import AlignedClock, Clock, SystemClock
 from gateway.combining import Combiner
 from gateway.log_entries import EntryReader, entry_fields, issued, text
 from gateway.presence import (
@@ -80,6 +80,7 @@ SWEEP_RETRY: Final = 30.0  # a workspace the sweep failed on is tried again this
 IDLE_EPOCH_TTL_MS: Final = 600_000  # the epoch a read made for a workspace with no log
 APPEND_BATCH: Final = 64  # publishes of one workspace sent in one append.lua call at most
 APPENDING: Final = ("append", "presence")  # the scripts that start with _log.lua
+CLOCK_WARN_OFFSET: Final = 1.0  # seconds off Redis's clock worth a warning at start
 
 
 def _lua(name: str) -> str:
@@ -208,7 +209,10 @@ class RedisBroker:
         self.node_id = node_id
         self.incarnation = secrets.token_hex(8)
         self.keys = Keys(key_prefix)
-        self._clock = clock or SystemClock()
+        self._local_clock = clock or SystemClock()
+        # Every deadline or age this backend writes or judges is compared by other nodes:
+        # on Redis's clock (``start`` measures the offset), not on this node's.
+        self._clock = AlignedClock(self._local_clock)
         self._max_len = history_max_len
         self._max_age_ms = int(history_max_age * 1000)
         self._idempotency_ttl_ms = max(1, int(idempotency_ttl * 1000))
@@ -289,7 +293,21 @@ class RedisBroker:
             await self._clients.start()
             await self._redis.ping()
             await self._check_eviction()
+            await self._align_clock()
         await self._liveness.start()
+
+    async def _align_clock(self) -> None:
+        """Measure how far this node's clock is from Redis's (``docs/redis.md``, "Clocks"):
+        session expiries written by one node are swept by another, a ticket made on one is
+        redeemed on another, and a log's age is judged by whichever node a client resumes
+        on, so they all use Redis's clock. (Said once, when the offset is large: the node's
+        clock is wrong, which its own local timers and JWT checks still use.)"""
+        sent = self._local_clock.now()
+        reference = await self._clients.server_time()
+        self._clock.align(reference, sent, self._local_clock.now())
+        if abs(self._clock.offset) > CLOCK_WARN_OFFSET:
+            log.warning("this node's clock is off Redis's; shared deadlines use Redis's clock",
+                        extra={"offset_s": round(self._clock.offset, 3)})
 
     async def _check_eviction(self) -> None:
         """Refuse a Redis that may evict keys (``BackendRefused``), unless allowed (then log

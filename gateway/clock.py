@@ -82,3 +82,29 @@ class ManualClock:
         else:
             self._timers.append(timer)
         return timer
+
+
+class AlignedClock:
+    """``local`` moved onto a reference clock shared by every node (Redis's ``TIME``): what
+    one node writes as a deadline, another compares with its own ``now()``.
+
+    The offset is measured by ``align`` (the reference read between ``sent`` and
+    ``received`` on ``local``) and then kept, so the local clock's moves (a ``ManualClock``
+    advanced by a test) still move this one; ``align`` again to re-measure."""
+
+    def __init__(self, local: Clock) -> None:
+        self._local = local
+        self.offset = 0.0  # reference - local, seconds
+
+    def align(self, reference: float, sent: float, received: float) -> None:
+        """Take the reference as read halfway through the round trip (error ≤ half of it)."""
+        self.offset = reference - (sent + received) / 2
+
+    def now(self) -> float:
+        return self._local.now() + self.offset
+
+    async def sleep_until(self, deadline: float) -> None:
+        await self._local.sleep_until(deadline - self.offset)
+
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
+        return self._local.call_at(deadline - self.offset, callback)

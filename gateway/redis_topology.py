@@ -286,6 +286,17 @@ class RedisClients:
                        for value in pairs.values()]
         return values
 
+    async def server_time(self) -> float:
+        """Redis's clock (``TIME``), seconds since the epoch: on a cluster, one primary's
+        (the gateway takes the primaries' clocks to agree, as Redis Cluster's own timeouts do)."""
+        if self.is_cluster:
+            answer = await self.commands.execute_command(
+                "TIME", target_nodes=self.commands.get_primaries()[0])
+        else:
+            answer = await self.commands.execute_command("TIME")
+        seconds, micros = answer
+        return int(seconds) + int(micros) / 1_000_000
+
     async def refresh(self) -> None:
         """Learn the cluster's current slots (after a failover or a resharding)."""
         if self.is_cluster:
