@@ -7,12 +7,13 @@ bash scripts/setup.sh
 
 # Real parts the tests run: redis-server (contract and multi-node tests), nginx (deploy/ config),
 # chromium (the browser tests, driven by Playwright: never a browser download), node (the
-# client module's unit tests).
+# client module's unit tests), libfaketime (the clock-skew tests run a node with its clock off).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
+compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || missing+=(faketime)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]} (Debian packages)" >&2
     export DEBIAN_FRONTEND=noninteractive
@@ -31,5 +32,5 @@ PYTHON_FOR_PORT=.venv/bin/python
 # shellcheck source=scripts/private-redis.sh
 source scripts/private-redis.sh  # (the working directory is the checkout)
 
-export GATEWAY_TEST_REQUIRE_REDIS=1 GATEWAY_TEST_REQUIRE_BROWSER=1
+export GATEWAY_TEST_REQUIRE_REDIS=1 GATEWAY_TEST_REQUIRE_BROWSER=1 GATEWAY_TEST_REQUIRE_FAKETIME=1
 .venv/bin/python -m pytest -q "$@"

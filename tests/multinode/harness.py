@@ -555,6 +555,23 @@ class Endpoint:
             sink.close()
 
 
+def faketime_library() -> Path | None:
+    """libfaketime (Debian ``faketime``; ``scripts/test.sh`` installs it), if installed."""
+    found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    return found[0] if found else None
+
+
+def skewed_clock(seconds: float) -> dict[str, str]:
+    """The environment that runs a process with its wall clock ``seconds`` ahead (behind if
+    negative) of everyone's, through libfaketime. Its monotonic clock is left alone, so the
+    event loop's timers still run in real time."""
+    library = faketime_library()
+    if library is None:
+        raise RuntimeError("libfaketime is not installed (apt-get install faketime)")
+    return {"LD_PRELOAD": str(library), "FAKETIME": f"{seconds:+g}s",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
 @dataclass
 class Node:
     """One ``python -m gateway serve`` process."""
@@ -565,6 +582,7 @@ class Node:
     node_timeout: float = 3.0
     disconnect_grace: float = 2.0
     extra: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)  # e.g. ``skewed_clock(30)``
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -584,7 +602,7 @@ class Node:
             "--node-timeout", str(self.node_timeout), "--disconnect-grace", str(self.disconnect_grace),
             "--sweep-interval", "0.2", "--log-format", "text", *self.extra,
         ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | self.env
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)
 
