@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from protocol.ws import SUBPROTOCOL_JSON
 from tests.multinode.conftest import Spawner
-from tests.multinode.harness import ORG, Node, RedisServer, auth, base, workspace_log_key
+from tests.multinode.harness import ORG, Node, RedisServer, auth, base, skewed_clock, workspace_log_key
 
 EVENT_TYPE: Final = "chaos.tick"
 BALLAST: Final = "chaos-ballast"  # a workspace with a long history of big events (see seed_ballast)
@@ -71,12 +71,13 @@ PRESENCE_TTL: Final = 10.0
 KEEPALIVE: Final = 2.0  # the nodes' --keepalive: SSE comments and WebSocket pings
 IDLE: Final = 2.5 * KEEPALIVE  # nothing read for this long: the node is gone (or stopped)
 SETTLE_SLACK: Final = 4.0  # heartbeat phase + a sweep + delivery, on a loaded 2-core machine
+CLOCK_PROBE_EARLY: Final = 1.5  # clock_skew: seconds a deadline or an id may be off, load included
 RETRYABLE: Final = frozenset({409, 425, 429, 500, 502, 503, 504})
 INFRA_KINDS: Final = ("node_kill", "node_pause", "node_drain", "redis_restart", "redis_wipe",
-                       "redis_full")
+                       "redis_full", "clock_skew")
 CLIENT_KINDS: Final = ("client_vanish", "client_stall")
 INFRA_WEIGHTS: Final = {"node_kill": 3, "node_pause": 3, "node_drain": 3, "redis_restart": 2,
-                        "redis_wipe": 1, "redis_full": 1}
+                        "redis_wipe": 1, "redis_full": 1, "clock_skew": 1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -561,6 +562,19 @@ def check_answers(recorder: Recorder) -> list[Violation]:
                       workspace=publish.workspace, subject=publish.key)
             for publish in recorder.publishes.values()
             for t, node, outcome in publish.attempts if outcome in ("HTTP 500", "error 500")]
+
+
+def id_on_clock(publish: Publish, wall_offset: float) -> bool:
+    """(f) The acknowledged id's time lies between the start of the publish's first attempt
+    (recorded at its end: at most ``REQUEST_TIMEOUT`` later) and its acknowledgement, on the
+    wall clock (``wall_offset``: wall time minus recorder time), give or take
+    ``CLOCK_PROBE_EARLY``: ids are made on Redis's clock, never on a skewed node's."""
+    pos = Pos.parse(publish.acked_id)
+    if pos is None or not publish.attempts:
+        return True
+    made = pos.entry[0] / 1000 - wall_offset
+    earliest = publish.attempts[0][0] - REQUEST_TIMEOUT - CLOCK_PROBE_EARLY
+    return earliest <= made <= publish.acked_t + CLOCK_PROBE_EARLY
 
 
 def check_memory(samples: Sequence[RssSample], cap_mb: float, growth_mb: float) -> list[Violation]:
@@ -1165,7 +1179,7 @@ class Faults:
         actions: dict[str, Callable[[PlannedFault], Awaitable[str]]] = {
             "node_kill": self.node_kill, "node_pause": self.node_pause, "node_drain": self.node_drain,
             "redis_restart": self.redis_restart, "redis_wipe": self.redis_wipe,
-            "redis_full": self.redis_full,
+            "redis_full": self.redis_full, "clock_skew": self.clock_skew,
         }
         while (fault := self.plan.next_infra()) is not None:
             await asyncio.sleep(fault.gap)
@@ -1263,6 +1277,71 @@ class Faults:
         finally:
             await client.aclose()
         return f"maxmemory {used - 1_000_000} (1 MB below used) for {fault.length:.1f}s"
+
+    async def clock_skew(self, fault: PlannedFault) -> str:
+        """Restart a node (SIGKILL) with its wall clock 5 to 30 s ahead of or behind everyone's
+        (libfaketime; its monotonic clock and timers untouched), keep it so for about a
+        REST lease, then restart it on the true clock. Meanwhile check (f): what a node made
+        holds on another whatever their clocks (``probe_clocks``)."""
+        rng = self.world.rng(f"clock_skew-{next(self.counter)}")
+        node = self.node(rng.choice([node.name for node in self.world.nodes]))
+        offset = rng.choice((-1.0, 1.0)) * rng.uniform(5.0, 30.0)
+        detail = f"{node.name} {offset:+.1f}s" + await self.restart_with(node, skewed_clock(offset))
+        began = self.world.now()
+        detail += await self.probe_clocks(node, hold=PRESENCE_TTL - CLOCK_PROBE_EARLY + fault.length)
+        detail += f", skewed {self.world.now() - began:.1f}s" + await self.restart_with(node, {})
+        return detail
+
+    async def restart_with(self, node: Node, env: dict[str, str]) -> str:
+        """SIGKILL ``node`` and start it again with ``env`` (its clock's skew, or none)."""
+        self.down.add(node.name)
+        node.signal(signal.SIGKILL)
+        await asyncio.to_thread(node.wait_exit, 10)
+        node.env = env
+        return await self.restart(node)
+
+    async def probe_clocks(self, skewed: Node, hold: float) -> str:
+        """Check (f) while ``skewed`` runs off the true clock, for ``hold`` s: a stream ticket
+        made on it is redeemed on another node and the other way round; a REST session made
+        through each lives its ``PRESENCE_TTL`` seen from every node; ids acknowledged meanwhile
+        are on Redis's clock (this host's, within ``CLOCK_PROBE_EARLY``). Probes leave after."""
+        world = self.world
+        other = next((node for node in world.nodes if node is not skewed and node.name not in self.down), None)
+        if other is None:
+            return ", no other node up to probe"
+        workspace, began, wall = world.workspaces[0], world.now(), time.time()
+        users = {node.name: f"clock-probe-{node.name}-{next(self.counter)}" for node in (skewed, other)}
+        flagged = [f"{user} joined via {name} refused" for name, user in users.items()
+                   if not await world.presence_call(self.node(name), workspace, user, "join")]
+        flagged += [f"ticket from {a.name} refused on {b.name} ({status})"
+                    for a, b in ((skewed, other), (other, skewed))
+                    if (status := await self.ticket_status(a, b, workspace)) != 200]
+        await asyncio.sleep(hold - (world.now() - began))
+        if world.now() - began <= PRESENCE_TTL - CLOCK_PROBE_EARLY / 2:  # (a loaded run may be late)
+            for node in world.nodes:
+                present = await world.members(node, workspace) or set()
+                flagged += [f"{user} no member on {node.name} {world.now() - began:.1f}s after joining"
+                            for user in users.values() if user not in present]
+        flagged += [f"{publish.key} acknowledged as {publish.acked_id}, not on Redis's clock"
+                    for publish in world.recorder.publishes.values()
+                    if publish.acked_t >= began and not id_on_clock(publish, wall - began)]
+        for name, user in users.items():
+            await world.presence_call(self.node(name), workspace, user, "leave")
+        for problem in flagged:
+            world.recorder.violation(Violation(world.now(), "clock_skew_broke", problem, workspace=workspace))
+        return f", probes: {len(flagged)} wrong"
+
+    async def ticket_status(self, issuer: Node, redeemer: Node, workspace: str) -> int:
+        """A stream ticket issued by ``issuer``, opened on ``redeemer``: its status (0: no answer)."""
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, KeyError, ValueError):
+            timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+            async with self.world.requests.post(f"{issuer.url}{base(workspace)}/tickets",
+                                                headers=auth("clock-probe"), timeout=timeout) as issued:
+                ticket = (await issued.json())["ticket"]
+            async with self.world.requests.get(f"{redeemer.url}{base(workspace)}/stream",
+                                               params={"ticket": ticket}, timeout=timeout) as opened:
+                return opened.status
+        return 0
 
     async def vanish(self, fault: PlannedFault, index: int) -> None:
         """A client that joins, resumes from far back, reads ``fault.count`` events, stops
