@@ -1303,32 +1303,37 @@ class Faults:
     async def probe_clocks(self, skewed: Node, hold: float) -> str:
         """Check (f) while ``skewed`` runs off the true clock, for ``hold`` s: a stream ticket
         made on it is redeemed on another node and the other way round; a REST session made
-        through each lives its ``PRESENCE_TTL`` seen from every node; ids acknowledged meanwhile
-        are on Redis's clock (this host's, within ``CLOCK_PROBE_EARLY``). Probes leave after."""
+        through each is still a member on every node ``CLOCK_PROBE_EARLY`` before its
+        ``PRESENCE_TTL`` ends; ids acknowledged meanwhile are on Redis's clock (this host's,
+        within ``CLOCK_PROBE_EARLY``). The probe users leave at the end."""
         world = self.world
         other = next((node for node in world.nodes if node is not skewed and node.name not in self.down), None)
         if other is None:
             return ", no other node up to probe"
         workspace, began, wall = world.workspaces[0], world.now(), time.time()
         users = {node.name: f"clock-probe-{node.name}-{next(self.counter)}" for node in (skewed, other)}
-        flagged = [f"{user} joined via {name} refused" for name, user in users.items()
+        flagged = [("skew_presence", f"{user} joined via {name} refused") for name, user in users.items()
                    if not await world.presence_call(self.node(name), workspace, user, "join")]
-        flagged += [f"ticket from {a.name} refused on {b.name} ({status})"
+        flagged += [("skew_ticket", f"ticket from {a.name} refused on {b.name} ({status})")
                     for a, b in ((skewed, other), (other, skewed))
                     if (status := await self.ticket_status(a, b, workspace)) != 200]
-        await asyncio.sleep(hold - (world.now() - began))
+        await asyncio.sleep(max(0.0, PRESENCE_TTL - CLOCK_PROBE_EARLY - (world.now() - began)))
         if world.now() - began <= PRESENCE_TTL - CLOCK_PROBE_EARLY / 2:  # (a loaded run may be late)
-            for node in world.nodes:
-                present = await world.members(node, workspace) or set()
-                flagged += [f"{user} no member on {node.name} {world.now() - began:.1f}s after joining"
-                            for user in users.values() if user not in present]
-        flagged += [f"{publish.key} acknowledged as {publish.acked_id}, not on Redis's clock"
+            for node in (node for node in world.nodes if node.name not in self.down):
+                present = await world.members(node, workspace)
+                flagged += [("skew_presence", f"{user} no member on {node.name} "
+                                              f"{world.now() - began:.1f}s after joining")
+                            for user in users.values() if present is not None and user not in present]
+                if present is None:
+                    flagged.append(("skew_presence", f"presence unreadable on {node.name}"))
+        await asyncio.sleep(max(0.0, hold - (world.now() - began)))
+        flagged += [("skew_id", f"{publish.key} acknowledged as {publish.acked_id}, not on Redis's clock")
                     for publish in world.recorder.publishes.values()
                     if publish.acked_t >= began and not id_on_clock(publish, wall - began)]
         for name, user in users.items():
             await world.presence_call(self.node(name), workspace, user, "leave")
-        for problem in flagged:
-            world.recorder.violation(Violation(world.now(), "clock_skew_broke", problem, workspace=workspace))
+        for kind, problem in flagged:
+            world.recorder.violation(Violation(world.now(), kind, problem, workspace=workspace))
         return f", probes: {len(flagged)} wrong"
 
     async def ticket_status(self, issuer: Node, redeemer: Node, workspace: str) -> int:
