@@ -19,6 +19,7 @@ from bench.chaos import (
     check_deliveries,
     check_keys,
     check_memory,
+    id_on_clock,
     presence_mismatches,
 )
 
@@ -205,3 +206,17 @@ def test_a_publish_answered_500_is_flagged_even_when_a_retry_landed() -> None:
     flagged = check_answers(recorder)
     assert [(v.kind, v.subject, v.t) for v in flagged] == [("server_error", "k2", 2.0),
                                                            ("server_error", "k3", 3.0)]
+
+
+def test_an_id_off_the_clock_it_was_made_on_is_flagged() -> None:
+    # The recorder's t = 100 is wall time 1_800_000_100: an id is made between the first
+    # attempt's start (recorded at its end, at most REQUEST_TIMEOUT before) and the answer.
+    offset = 1_800_000_000.0
+
+    def published(ms: int) -> Publish:
+        id_ = f"e1:{ms}-0"
+        return Publish("k", WS, "pub", [(100.0, "node-a", "503"), (101.0, "node-b", f"200 {id_}")], id_, 101.0)
+    assert id_on_clock(published(1_800_000_100_500), offset)
+    assert id_on_clock(published(1_800_000_098_000), offset)  # the first attempt took 2 s
+    assert not id_on_clock(published(1_800_000_111_000), offset)  # a node 10 s ahead made it
+    assert not id_on_clock(published(1_800_000_090_000), offset)  # ... or 10 s behind
