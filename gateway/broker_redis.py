@@ -25,6 +25,7 @@ import json
 import logging
 import random
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -209,10 +210,13 @@ class RedisBroker:
         self.node_id = node_id
         self.incarnation = secrets.token_hex(8)
         self.keys = Keys(key_prefix)
-        self._local_clock = clock or SystemClock()
         # Every deadline or age this backend writes or judges is compared by other nodes:
-        # on Redis's clock (``start`` measures the offset), not on this node's.
-        self._clock = AlignedClock(self._local_clock)
+        # on Redis's clock (``start`` measures the offset), not on this node's. The system
+        # clock is followed by its monotonic reading, which a step of the wall clock (NTP
+        # at boot, a VM resumed) does not move; a test's clock is followed as it is moved.
+        local = clock or SystemClock()
+        self._clock = AlignedClock(SystemClock(time.monotonic) if isinstance(local, SystemClock)
+                                   else local)
         self._max_len = history_max_len
         self._max_age_ms = int(history_max_age * 1000)
         self._idempotency_ttl_ms = max(1, int(idempotency_ttl * 1000))
@@ -300,14 +304,21 @@ class RedisBroker:
         """Measure how far this node's clock is from Redis's (``docs/redis.md``, "Clocks"):
         session expiries written by one node are swept by another, a ticket made on one is
         redeemed on another, and a log's age is judged by whichever node a client resumes
-        on, so they all use Redis's clock. (Said once, when the offset is large: the node's
-        clock is wrong, which its own local timers and JWT checks still use.)"""
-        sent = self._local_clock.now()
-        reference = await self._clients.server_time()
-        self._clock.align(reference, sent, self._local_clock.now())
-        if abs(self._clock.offset) > CLOCK_WARN_OFFSET:
-            log.warning("this node's clock is off Redis's; shared deadlines use Redis's clock",
-                        extra={"offset_s": round(self._clock.offset, 3)})
+        on, so they all use Redis's clock. (A wall clock far off Redis's is said once: the
+        node's own JWT checks still use it.) A Redis that does not allow ``TIME`` leaves the
+        node on its own clock, said once too."""
+        sent = self._clock.local.now()
+        try:
+            reference = await self._clients.server_time()
+        except ResponseError as exc:
+            log.warning("cannot read Redis's clock (TIME); shared deadlines use this node's "
+                        "clock, which must then agree with its peers'", extra={"problem": str(exc)[:200]})
+            self._clock.offset = time.time() - sent
+            return
+        self._clock.align(reference, sent, self._clock.local.now())
+        if abs(wall_offset := reference - time.time()) > CLOCK_WARN_OFFSET:
+            log.warning("this node's clock is off Redis's; shared deadlines use Redis's clock, "
+                        "JWT exp/nbf this node's", extra={"offset_s": round(wall_offset, 3)})
 
     async def _check_eviction(self) -> None:
         """Refuse a Redis that may evict keys (``BackendRefused``), unless allowed (then log

@@ -24,16 +24,22 @@ class Clock(Protocol):
 
 
 class SystemClock:
+    """The process's clock: the wall clock by default; ``SystemClock(time.monotonic)`` is one
+    that never steps when the wall clock is set (its zero is arbitrary: see ``AlignedClock``)."""
+
+    def __init__(self, read: Callable[[], float] = time.time) -> None:
+        self._read = read
+
     def now(self) -> float:
-        return time.time()
+        return self._read()
 
     async def sleep_until(self, deadline: float) -> None:
-        delay = deadline - time.time()
+        delay = deadline - self._read()
         if delay > 0:
             await asyncio.sleep(delay)
 
     def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
-        return asyncio.get_running_loop().call_later(max(0.0, deadline - time.time()), callback)
+        return asyncio.get_running_loop().call_later(max(0.0, deadline - self._read()), callback)
 
 
 class _ManualTimer:
@@ -90,10 +96,11 @@ class AlignedClock:
 
     The offset is measured by ``align`` (the reference read between ``sent`` and
     ``received`` on ``local``) and then kept, so the local clock's moves (a ``ManualClock``
-    advanced by a test) still move this one; ``align`` again to re-measure."""
+    advanced by a test) still move this one; ``align`` again to re-measure. On a monotonic
+    ``local`` a step of the wall clock moves nothing."""
 
     def __init__(self, local: Clock) -> None:
-        self._local = local
+        self.local = local
         self.offset = 0.0  # reference - local, seconds
 
     def align(self, reference: float, sent: float, received: float) -> None:
@@ -101,10 +108,10 @@ class AlignedClock:
         self.offset = reference - (sent + received) / 2
 
     def now(self) -> float:
-        return self._local.now() + self.offset
+        return self.local.now() + self.offset
 
     async def sleep_until(self, deadline: float) -> None:
-        await self._local.sleep_until(deadline - self.offset)
+        await self.local.sleep_until(deadline - self.offset)
 
     def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
-        return self._local.call_at(deadline - self.offset, callback)
+        return self.local.call_at(deadline - self.offset, callback)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,6 +34,7 @@ from gateway.presence import (
 )
 from gateway.tasks import stop
 from protocol.envelope import PRESENCE_JOINED, PRESENCE_LEFT, Envelope, EventId, WorkspaceKey
+from tests.multinode.harness import RedisServer
 from tests.redis_nodes import WS, actor, collect, real_time_clock
 
 pytestmark = pytest.mark.redis
@@ -657,3 +660,29 @@ async def test_a_resume_from_a_trimmed_id_resets_even_when_few_entries_follow(
     # What is still there resumes as before, exactly.
     still = EventId.parse(sent[10 - kept].id)
     assert [e.id for e in await broker.read_after(WS, still)] == [e.id for e in sent[11 - kept:]]
+
+
+async def test_a_redis_that_refuses_time_leaves_the_node_on_its_own_clock(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A managed Redis may deny commands by ACL: the node starts, says so once, and works.
+    server = RedisServer(tmp_path / "redis", persist=False)
+    server.start()
+    try:
+        admin = Redis.from_url(server.url)
+        await admin.execute_command("ACL", "SETUSER", "gw", "on", ">pw", "~*", "&*", "+@all", "-time")
+        await admin.aclose()
+        broker = RedisBroker(f"redis://gw:pw@127.0.0.1:{server.port}/0", node_id="node-a",
+                             key_prefix="no-time")
+        with caplog.at_level(logging.WARNING, logger="gateway.broker_redis"):
+            await broker.start()
+        try:
+            sent = await broker.append(WS, "doc.updated", actor("svc"), {"n": 1})
+            assert EventId.parse(sent.id).entry.ms == pytest.approx(time.time() * 1000, abs=5_000)
+            assert [r.message for r in caplog.records if "TIME" in r.message] == [
+                "cannot read Redis's clock (TIME); shared deadlines use this node's clock, "
+                "which must then agree with its peers'"]
+        finally:
+            await broker.close()
+    finally:
+        server.stop()

@@ -561,15 +561,24 @@ def faketime_library() -> Path | None:
     return found[0] if found else None
 
 
-def skewed_clock(seconds: float) -> dict[str, str]:
+def skewed_clock(seconds: float, *, file: Path | None = None) -> dict[str, str]:
     """The environment that runs a process with its wall clock ``seconds`` ahead (behind if
     negative) of everyone's, through libfaketime. Its monotonic clock is left alone, so the
-    event loop's timers still run in real time."""
+    event loop's timers still run in real time. With ``file``, the offset is read from it
+    (within a second of each change: ``step_clock``), so the clock can be stepped."""
     library = faketime_library()
     if library is None:
         raise RuntimeError("libfaketime is not installed (apt-get install faketime)")
-    return {"LD_PRELOAD": str(library), "FAKETIME": f"{seconds:+g}s",
-            "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    env = {"LD_PRELOAD": str(library), "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    if file is None:
+        return env | {"FAKETIME": f"{seconds:+g}s"}
+    step_clock(file, seconds)
+    return env | {"FAKETIME_TIMESTAMP_FILE": str(file), "FAKETIME_CACHE_DURATION": "1"}
+
+
+def step_clock(file: Path, seconds: float) -> None:
+    """Set the offset of the processes started with ``skewed_clock(..., file=file)``."""
+    file.write_text(f"{seconds:+g}s\n")
 
 
 @dataclass

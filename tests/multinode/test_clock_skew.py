@@ -3,7 +3,8 @@ everyone's (libfaketime), as users see them: what one node writes as a deadline 
 judges, so every such deadline must be on one clock (Redis's: docs/redis.md, "Clocks").
 
 Node ``skewed`` runs under ``FAKETIME=±30s`` (its monotonic clock, and so its event loop's
-timers, untouched); ``true`` runs on the host's clock, as Redis does. The bounds say what the
+timers, untouched), or starts on time and has its wall clock stepped 30 s ahead while it runs;
+``true`` runs on the host's clock, as Redis does. The bounds say what the
 product promises: a REST session lives ``--presence-ttl`` after its last call and a closed
 stream's user ``--disconnect-grace``, seen from every node, give or take a sweep and the
 delivery (``SLACK``).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -31,6 +33,7 @@ from tests.multinode.harness import (
     members,
     redis_cli,
     skewed_clock,
+    step_clock,
 )
 
 pytestmark = pytest.mark.multinode
@@ -43,6 +46,7 @@ EARLY = 1.0  # a deadline may pass this much before its time (the calls' own lat
 SLACK = 4.0  # ... and be seen this much after it (a sweep, a loaded machine, the delivery)
 RENEW_EVERY = 2.0
 ID_DRIFT_MS = 3_000  # how far an entry id's time may be from Redis's clock
+STEP_SEEN = 1.5  # libfaketime reads a changed offset within a second (FAKETIME_CACHE_DURATION)
 
 
 @pytest.fixture(autouse=True)
@@ -142,15 +146,22 @@ def on_time(observers: list[Stream], user: str, since: float, lives: float) -> s
     return f"after {[None if at is None else round(at - since, 2) for at in seen]} s"
 
 
-@pytest.mark.parametrize("skew", [SKEW, -SKEW], ids=["ahead", "behind"])
+@pytest.mark.parametrize(("skew", "stepped"), [(SKEW, False), (-SKEW, False), (SKEW, True)],
+                         ids=["ahead", "behind", "stepped-ahead-while-running"])
 async def test_a_node_whose_clock_is_off_keeps_every_deadline_seen_from_the_other(
-    spawn: Spawner, session: aiohttp.ClientSession, skew: float
+    spawn: Spawner, session: aiohttp.ClientSession, tmp_path: Path, skew: float, stepped: bool
 ) -> None:
     redis = spawn.redis()
     options = {"extra": ("--presence-ttl", str(TTL), "--history-max-age", str(MAX_AGE)),
                "disconnect_grace": GRACE}
     true, = await spawn.start(redis, "true", **options)
-    skewed, = await spawn.start(redis, "skewed", env=skewed_clock(skew), **options)
+    if stepped:  # started on time, then its wall clock is set 30 s ahead (NTP, a VM resumed)
+        clock_file = tmp_path / "skewed-clock"
+        skewed, = await spawn.start(redis, "skewed", env=skewed_clock(0, file=clock_file), **options)
+        step_clock(clock_file, skew)
+        await asyncio.sleep(STEP_SEEN)
+    else:
+        skewed, = await spawn.start(redis, "skewed", env=skewed_clock(skew), **options)
     nodes = (true, skewed)
     observers = [await Stream(session, node, "observer").open() for node in nodes]
     await asyncio.gather(*(o.wait_for(lambda s: bool(s.of_type("sync.snapshot")), 10) for o in observers))
@@ -183,6 +194,7 @@ async def test_a_node_whose_clock_is_off_keeps_every_deadline_seen_from_the_othe
         "closer left": on_time(observers, "closer", closed, GRACE),
         "left events": [sorted(u for kind, u in o.presence() if kind == "presence.left") for o in observers],
         "renewer present": ["renewer" in await members(session, node) for node in nodes],
+        "clock warned": ["clock is off Redis's" in node.log_path.read_text() for node in nodes],
     }
     assert seen == {
         "tickets": [200, 200],
@@ -191,6 +203,8 @@ async def test_a_node_whose_clock_is_off_keeps_every_deadline_seen_from_the_othe
         "rest-true left": "on time", "rest-skewed left": "on time", "closer left": "on time",
         "left events": [["closer", "rest-skewed", "rest-true"]] * 2,  # once each, never the renewer
         "renewer present": [True, True],
+        # The operator is told which node's clock is off (when it starts so).
+        "clock warned": [False, not stepped],
     }
     for observer in observers:
         await observer.close()
