@@ -28,8 +28,9 @@ local function log_position(log)
 end
 
 -- Append one entry (a flat field/value list) and return its id. An explicit <ms>-* keeps
--- ids on the nodes' clock; Redis refuses it when the stream's top id is newer (another
--- node's clock is ahead), and then '*' continues after the top.
+-- ids on Redis's clock as the node measured it (docs/redis.md, "Clocks"); Redis refuses it
+-- when the stream's top id is newer (an append a moment ago), and then '*' continues after
+-- the top, so ids only grow.
 local function append_entry(log, maxlen, ms, fields)
   local ok, id = pcall(redis.call, 'XADD', log, 'MAXLEN', '~', maxlen, ms .. '-*', unpack(fields))
   if not ok then

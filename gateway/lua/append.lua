@@ -9,7 +9,8 @@
 -- KEYS[4]  high-water mark    <prefix>:{<org>:<ws>}:hw       the last id a node appended
 -- KEYS[5..] idempotency keys  <prefix>:{<org>:<ws>}:published:<key>   (distinct)
 -- ARGV[1]  epoch to create when the workspace has none
--- ARGV[2]  the node's clock, ms (entry ids are <ms>-<seq>; never below the stream's top id)
+-- ARGV[2]  now on Redis's clock (as the node measured it), ms (entry ids are <ms>-<seq>;
+--          never below the stream's top id)
 -- ARGV[3]  retention by count: XADD MAXLEN ~ ARGV[3]
 -- ARGV[4]  retention by age: XTRIM MINID ~ ARGV[4]
 -- ARGV[5]  ms an idempotency key remembers its append

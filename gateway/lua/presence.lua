@@ -16,7 +16,7 @@
 -- ARGV[4]  expected record JSON, byte for byte ("" = no record)
 -- ARGV[5]  new record JSON ("" = delete the record)
 -- ARGV[6]  new next expiry in seconds ("" = none)
--- ARGV[7]  the node's clock, ms          ARGV[8] XADD MAXLEN ~      ARGV[9] XTRIM MINID ~
+-- ARGV[7]  now on Redis's clock, ms     ARGV[8] XADD MAXLEN ~      ARGV[9] XTRIM MINID ~
 -- ARGV[10] n: how many bound sets follow in KEYS[7..6+n]
 -- ARGV[11..10+n] "+" (add the user to KEYS[6+i]) or "-" (remove the user from it)
 -- ARGV[11+n..] the events, 8 values each, as in append.lua
