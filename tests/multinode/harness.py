@@ -120,6 +120,27 @@ class RedisServer:
             aof.truncate(synced[1])
         return now[1] - synced[1]
 
+    def read_offline(self, *commands: Sequence[str]) -> list[Any]:
+        """Each command's answer (JSON-decoded) from the data as it is on disk now, read by a
+        redis-server of its own on a unix socket, so that nothing connected to ``port``
+        (a gateway node) sees or changes it first. The server must be down."""
+        assert self.proc is None, "read_offline() reads a stopped server's files"
+        sock = self.dir / "offline.sock"
+        args = ["redis-server", "--port", "0", "--unixsocket", str(sock), "--dir", str(self.dir),
+                "--save", "", "--appendonly", "yes" if self.persist else "no",
+                "--logfile", str(self.dir / "offline.log"), "--daemonize", "no"]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cli = ["redis-cli", "-s", str(sock)]
+        try:
+            _wait_until(lambda: subprocess.run([*cli, "ping"], capture_output=True, timeout=5,
+                                               check=False).stdout.startswith(b"PONG"),
+                        10, "offline redis-server up", lambda: _tail(self.dir / "offline.log"))
+            return [json.loads(subprocess.run([*cli, "--json", *command], capture_output=True, timeout=5,
+                                              check=True).stdout or b"null")
+                    for command in commands]
+        finally:
+            _stop_process(proc)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
