@@ -30,7 +30,8 @@ async def test_the_reference_is_taken_halfway_through_the_round_trip_and_then_fo
     assert fired == [pytest.approx(5_040.5)]
 
 
-async def test_on_the_monotonic_clock_a_wall_clock_step_moves_nothing() -> None:
+async def test_on_the_monotonic_clock_it_reads_epoch_seconds_and_sleeps_in_real_time() -> None:
+    # (That a wall clock step then moves nothing: tests/multinode/test_clock_skew.py, "stepped".)
     aligned = AlignedClock(SystemClock(time.monotonic))
     sent = aligned.local.now()
     aligned.align(time.time(), sent, aligned.local.now())
