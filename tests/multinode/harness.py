@@ -334,16 +334,19 @@ class SentinelServers:
     sentinels declare a primary down after 1 s, so a failover takes a few seconds.
 
     ``sentinels=1`` is the operator's probe of issue 20: one sentinel (quorum 1), which
-    decides alone; ``down_after`` and ``failover_timeout`` (ms) are its settings."""
+    decides alone; ``down_after`` and ``failover_timeout`` (ms) are its settings.
+    ``initial_sync_delay`` (s, Redis's ``repl-diskless-sync-delay``): the sentinels start as
+    soon as the replica is connected, before its first sync (a deployment started at once)."""
 
     service = "mymaster"
 
     def __init__(self, directory: Path, *, sentinels: int = 3, down_after: int = 1000,
-                 failover_timeout: int = 3000) -> None:
+                 failover_timeout: int = 3000, initial_sync_delay: int = 0) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.quorum = 1 if sentinels == 1 else 2
         self.down_after, self.failover_timeout = down_after, failover_timeout
+        self.initial_sync_delay = initial_sync_delay
         picked = free_ports(2 + sentinels)
         self.first_primary = picked[0]
         self.data_ports = picked[:2]
@@ -375,8 +378,9 @@ class SentinelServers:
                 directory.mkdir(parents=True, exist_ok=True)
                 args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
                         "--appendonly", "no", "--save", "",
-                        # the initial full sync starts at once (the default waits 5 s)
-                        "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
+                        # the initial full sync starts at once unless asked (the default waits 5 s)
+                        "--repl-diskless-sync", "yes",
+                        "--repl-diskless-sync-delay", str(self.initial_sync_delay)]
                 if port == replica:
                     args += ["--replicaof", "127.0.0.1", str(primary)]
                 self.procs[port] = _spawn_redis(args, directory / "redis.log")
@@ -385,8 +389,8 @@ class SentinelServers:
             # Before the sentinels start: a sentinel learns of replicas from the primary's INFO,
             # which it reads every 10 s once connected, so a replica that connected later
             # would be known only that much later.
-            _wait_until(lambda: self.replica_synced(primary), 20, "replica connected and in sync",
-                        self.logs)
+            connected = self._replica_connected if self.initial_sync_delay else self.replica_synced
+            _wait_until(lambda: connected(primary), 20, "replica connected (and in sync)", self.logs)
             for port in self.sentinel_ports:
                 directory = self._dir(port)
                 directory.mkdir(parents=True, exist_ok=True)
@@ -422,6 +426,10 @@ class SentinelServers:
             if state.get("num-slaves") != "1" or state.get("num-other-sentinels") != others:
                 return False
         return True
+
+    @staticmethod
+    def _replica_connected(primary: int) -> bool:
+        return "connected_slaves:1" in redis_cli(primary, "info", "replication")
 
     def sentinel_primary(self, sentinel_port: int) -> int | None:
         """The primary's port according to one sentinel."""

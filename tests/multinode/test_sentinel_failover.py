@@ -55,6 +55,8 @@ SETTLED = 1.0  # publishing counts as recovered once every publish for this long
 NODE_TIMEOUT = 6.0
 SLACK = 1.5  # heartbeat phase + one sweep + delivery
 STAYING = ["alice", "bob"]
+NO_REPLICA = "the sentinels know no replica in sync with the primary"  # the nodes' warning...
+REPLICA_AGAIN = "the sentinels know a replica in sync with the primary again"  # ...and its end
 
 
 @dataclass
@@ -243,3 +245,26 @@ async def test_repeated_sentinel_failovers_with_one_sentinel_are_fast_and_exact(
         await stream.close()
     await bob.close()
     await asyncio.wait_for(bob_reads, 5)
+    # Between a kill and the restart no replica could take over, and the nodes said so; and
+    # once a restarted one had caught up (the sentinel's view lags up to 10 s), that too.
+    for node in (a, b):
+        assert NO_REPLICA in node.logs() and REPLICA_AGAIN in node.logs(), node.logs()
+
+
+async def test_a_node_warns_while_the_sentinels_know_no_replica_that_could_take_over(
+    spawn: Spawner
+) -> None:
+    """The operator's probe of issue 20, as it was run: everything started at once. Redis
+    7.0 starts a new replica's first sync 5 s after it connects, and a sentinel learns of a
+    replica (and of its sync) from INFO every 10 s; killed in those first seconds, the
+    primary has no successor (writes answered 503 for 45 s: the sentinel aborted
+    ``-failover-abort-no-good-slave`` every 2 x failover-timeout), or an empty one is promoted
+    (every stream resets, the log is lost). Nothing in the gateway could make that exact, but
+    a node says so at once instead of staying silent until the primary dies."""
+    servers = spawn.sentinel(sentinels=1, down_after=1000, failover_timeout=5000, initial_sync_delay=5)
+    (node,) = await spawn.start(servers, "node-a")
+
+    async def warned() -> bool:
+        return NO_REPLICA in node.logs()
+
+    await eventually(warned, 5, what="the node's warning")
