@@ -40,7 +40,7 @@ SCHEMES: Final = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", 
 DEFAULT_PORT: Final = 6379
 DEFAULT_SENTINEL_PORT: Final = 26379
 SWITCH_CHANNEL: Final = "+switch-master"  # what sentinels publish when they name a new primary
-REPLICA_CHECK: Final = 10.0  # how often a node asks whether a replica is in sync (a sentinel's INFO period)
+REPLICA_CHECK: Final = 2.0  # how often a node asks the sentinel whether a replica is in sync
 
 
 @dataclass(frozen=True, slots=True)

@@ -495,6 +495,12 @@ class SentinelServers:
         self.killed.remove(port)
         _wait_until(lambda: self.replica_synced(primary) and self._healthy_replica(port), timeout,
                     f"redis {port} back as a replica", self.logs)
+        # After a diskless full sync the primary streams writes to the replica only once the
+        # replica's first ACK came (up to a second): until then a kill loses them all.
+        probe = str(time.monotonic_ns())
+        redis_cli(primary, "set", "harness:streaming", probe)
+        _wait_until(lambda: redis_cli(port, "get", "harness:streaming") == probe, timeout,
+                    f"redis {port} receiving the primary's writes", self.logs)
 
     def _healthy_replica(self, port: int) -> bool:
         """Every sentinel knows ``port`` as a replica of the primary, up and linked."""
