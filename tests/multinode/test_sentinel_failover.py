@@ -144,11 +144,13 @@ async def _read_all(ws: aiohttp.ClientWebSocketResponse) -> None:
 
 async def wait_recovered(publishers: Publishers, nodes: tuple[Node, Node], promoted: float) -> dict[str, float]:
     """Seconds from the promotion until each node's publishes were accepted for good (waits
-    ``REFUSED_FOR`` and a little more at most)."""
+    ``REFUSED_FOR`` and a little more at most), measured once every publish has its answer
+    (the publishers are stopped)."""
     async def settled() -> bool:
         return all(publishers.settled_since(node.name, promoted) is not None for node in nodes)
 
     await eventually(settled, REFUSED_FOR + SETTLED + 2, interval=0.1, what="publishing recovered")
+    await publishers.stop()
     since = {node.name: publishers.settled_since(node.name, promoted) for node in nodes}
     return {name: round(at - promoted, 2) for name, at in since.items() if at is not None}
 
@@ -245,7 +247,6 @@ async def test_repeated_sentinel_failovers_with_one_sentinel_are_fast_and_exact(
 
         # Writes are accepted again on both nodes within REFUSED_FOR of the promotion.
         recovered = await wait_recovered(publishers, (a, b), promoted)
-        await publishers.stop()
         print(f"round {round_} ({'loaded' if loaded else 'idle'}): promoted {promoted - killed_at:.2f}s "
               f"after the kill of {killed}; writes accepted again after {recovered} s")
         assert all(delay <= REFUSED_FOR for delay in recovered.values()), (round_, recovered)
