@@ -198,7 +198,7 @@ class RedisClients:
         if self.url.kind == "single":
             self.commands = self._single(max_connections)
         elif self.url.kind == "sentinel":
-            auth = {"username": self.url.username, "password": self.url.password}
+            auth: dict[str, Any] = {"username": self.url.username, "password": self.url.password}
             self._sentinel = Sentinel(
                 list(self.url.hosts), sentinel_kwargs={"socket_connect_timeout": 2.0,
                                                        "socket_timeout": 2.0},
