@@ -1371,22 +1371,28 @@ class Faults:
         """Restart a node (SIGKILL) with its wall clock 5 to 30 s ahead of or behind everyone's
         (libfaketime; its monotonic clock and timers untouched), keep it so for about a
         REST lease, then restart it on the true clock. Meanwhile check (f): what a node made
-        holds on another whatever their clocks (``probe_clocks``)."""
+        holds on another whatever their clocks (``probe_clocks``). JWT times are each node's
+        own (docs/redis.md, "Clocks"): the skewed node runs with ``--jwt-leeway`` widened to
+        cover its skew, as an operator would until the clock is fixed, or a node behind would
+        refuse every fresh token (``iat`` in its future)."""
         rng = self.world.rng(f"clock_skew-{next(self.counter)}")
         node = self.node(rng.choice([node.name for node in self.world.nodes]))
         offset = rng.choice((-1.0, 1.0)) * rng.uniform(5.0, 30.0)
-        detail = f"{node.name} {offset:+.1f}s" + await self.restart_with(node, skewed_clock(offset))
+        flags = node.extra
+        detail = f"{node.name} {offset:+.1f}s" + await self.restart_with(
+            node, skewed_clock(offset), (*flags, "--jwt-leeway", f"{abs(offset) + 10:.0f}"))
         began = self.world.now()
         detail += await self.probe_clocks(node, hold=PRESENCE_TTL - CLOCK_PROBE_EARLY + fault.length)
-        detail += f", skewed {self.world.now() - began:.1f}s" + await self.restart_with(node, {})
+        detail += f", skewed {self.world.now() - began:.1f}s" + await self.restart_with(node, {}, flags)
         return detail
 
-    async def restart_with(self, node: Node, env: dict[str, str]) -> str:
-        """SIGKILL ``node`` and start it again with ``env`` (its clock's skew, or none)."""
+    async def restart_with(self, node: Node, env: dict[str, str], extra: tuple[str, ...]) -> str:
+        """SIGKILL ``node`` and start it again with ``env`` (its clock's skew, or none) and
+        ``extra`` flags."""
         self.down.add(node.name)
         node.signal(signal.SIGKILL)
         await asyncio.to_thread(node.wait_exit, 10)
-        node.env = env
+        node.env, node.extra = env, extra
         return await self.restart(node)
 
     async def probe_clocks(self, skewed: Node, hold: float) -> str:
