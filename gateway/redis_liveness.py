@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -37,14 +38,18 @@ class NodeLiveness:
 
     ``guard`` turns Redis failures into ``BackendUnavailable`` (the broker's context
     manager), ``slot`` holds a command slot around a pipeline (``RedisClients.slot``);
-    ``change_presence`` is the broker's."""
+    ``change_presence`` is the broker's. The heartbeat and the node's registration go
+    through ``reserved`` (``RedisClients.liveness``), never waiting behind requests; the
+    reaping of peers is ordinary work on ``redis``."""
 
-    def __init__(self, *, redis: Any, slot: Callable[[], contextlib.AbstractAsyncContextManager[None]],
-                 keys: Any, scripts: Any, node_id: str, incarnation: str,
+    def __init__(self, *, redis: Any, reserved: Any,
+                 slot: Callable[[], contextlib.AbstractAsyncContextManager[None]], keys: Any,
+                 scripts: Any, node_id: str, incarnation: str,
                  node_timeout: float, guard: Callable[[], contextlib.AbstractContextManager[None]],
                  change_presence: ChangePresence, parse_tag: Callable[[str], WorkspaceKey],
                  unavailable: tuple[type[BaseException], ...]) -> None:
         self._redis = redis
+        self._reserved = reserved
         self._slot = slot
         self._keys = keys
         self._heartbeat_script, self._claim_script = scripts
@@ -62,6 +67,8 @@ class NodeLiveness:
         self._reassert_task: asyncio.Task[None] | None = None
         self._reassert_wanted = False
         self._nodes_cursor = 0  # SSCAN cursor over the known nodes, carried across sweeps
+        self._confirmed_at = float("-inf")  # time.monotonic() when the last answered beat was sent
+        self._beat_failed = False  # the last beat got no answer
 
     def on_reassert(self, callback: Callable[[], Awaitable[None]],
                     before: Callable[[], None]) -> None:
@@ -71,7 +78,7 @@ class NodeLiveness:
         """Reap what a previous process with this node id left, register, start beating."""
         with self._guard():
             await self.reap(self.node_id, force=True)
-            await self._redis.sadd(self._keys.nodes, self.node_id)
+            await self._reserved.sadd(self._keys.nodes, self.node_id)
             await self._beat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="redis heartbeat")
 
@@ -83,22 +90,41 @@ class NodeLiveness:
             await stop(self._heartbeat_task)
             self._heartbeat_task = None
             with contextlib.suppress(*self._unavailable):
-                await self._redis.delete(self._keys.alive(self.node_id))
+                await self._reserved.delete(self._keys.alive(self.node_id))
 
     # -- heartbeat -------------------------------------------------------------------
 
+    def reachable(self) -> bool:
+        """Whether Redis answered this node lately: the last beat got an answer, sent less
+        than ``node_timeout`` ago. A node cut off from Redis (a partition) stops being
+        reachable within ``node_timeout`` (sooner once a beat times out), when its peers
+        may reap it: what it replicated from the log is then no longer vouched for."""
+        return (not self._beat_failed
+                and time.monotonic() - self._confirmed_at < self._node_timeout)
+
     async def _beat(self) -> str:
-        return text(await self._heartbeat_script(
-            keys=[self._keys.alive(self.node_id), self._keys.reaping(self.node_id)],
-            args=[self.incarnation, int(self._node_timeout * 1000)],
-        ))
+        sent = time.monotonic()
+        try:
+            answer = text(await self._heartbeat_script(
+                keys=[self._keys.alive(self.node_id), self._keys.reaping(self.node_id)],
+                args=[self.incarnation, int(self._node_timeout * 1000)],
+                client=self._reserved,
+            ))
+        except BaseException:
+            self._beat_failed = True
+            raise
+        self._confirmed_at, self._beat_failed = sent, False
+        return answer
 
     async def _heartbeat_loop(self) -> None:
         """Beat every node_timeout/3, whatever else runs; re-assertions run beside it
-        (``request_reassert``), however long they take."""
+        (``request_reassert``), however long they take. The period counts from when a beat
+        was sent: over a slow link the round trip does not stretch the gap between two
+        beats reaching Redis (a gap past ``node_timeout`` is a false reaping)."""
         heartbeat = Heartbeat(self._node_timeout / 3)
         while True:
             failure: Exception | None = None  # (an unforeseen one, logged with its traceback)
+            started = time.monotonic()
             try:
                 # Through the guard: a beat that finds its connection dead or on a demoted
                 # primary (READONLY) drops the idle pooled connections, so the next beat
@@ -119,7 +145,7 @@ class NodeLiveness:
                                     exc_info=failure if level == "exception" else None)
             if step.reassert:
                 self.request_reassert()
-            await pause(step.sleep)
+            await pause(max(0.0, step.sleep - (time.monotonic() - started)))
 
     # -- re-assertion ------------------------------------------------------------------
 
@@ -137,7 +163,7 @@ class NodeLiveness:
             try:
                 self._before_reassert()  # the node's workspace index may have lost entries
                 with self._guard():
-                    await self._redis.sadd(self._keys.nodes, self.node_id)
+                    await self._reserved.sadd(self._keys.nodes, self.node_id)
                 if self._reassert is not None:
                     await self._reassert()
             except Exception as exc:
