@@ -520,6 +520,7 @@ class Endpoint:
         self._flowing.set()
         self._delay: tuple[float, float] = (0.0, 0.0)
         self._random = random.Random(seed)
+        self._closing = False
 
     @property
     def url(self) -> str:
@@ -547,6 +548,8 @@ class Endpoint:
         if self._server is None:
             return
         self._server.close()
+        self._closing = True
+        self._flowing.set()  # connections waiting for the link give up
         for task in list(self._pipes):
             task.cancel()
         await asyncio.wait_for(asyncio.gather(*self._pipes, return_exceptions=True), 5)
@@ -557,18 +560,15 @@ class Endpoint:
         """(A deployment's stop: the servers behind it are stopped on their own.)"""
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._pipes.add(task)  # cancelled on exit while it waits for the link
+        await self._flowing.wait()  # a cut cable: the connection attempt gets no answer
         try:
-            await self._flowing.wait()  # a cut cable: the connection attempt gets no answer
+            if self._closing:
+                raise ConnectionAbortedError
             upstream_reader, upstream_writer = await asyncio.wait_for(
                 asyncio.open_connection("127.0.0.1", self.target), 2)
         except (OSError, TimeoutError):
             writer.close()
             return
-        finally:
-            self._pipes.discard(task)
         for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
             chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
             for pipe in (self._receive(source, chunks), self._forward(chunks, sink)):
