@@ -25,6 +25,7 @@ import json
 import logging
 import random
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -50,6 +51,7 @@ from gateway.broker import (
 )
 from gateway.clock import Clock, SystemClock
 from gateway.combining import Combiner
+from gateway.liveness import Link
 from gateway.log_entries import EntryReader, entry_fields, issued, text
 from gateway.presence import (
     PendingEvent,
@@ -71,6 +73,8 @@ log = logging.getLogger(__name__)
 # (``maxmemory`` under ``noeviction``) refuses writes that would grow it: 503 until it frees.
 UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError,
                       OSError)
+# Those that say the link itself fails (not a full or demoted Redis that still answers).
+LINK_FAILURES: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 # The only ``maxmemory-policy`` under which Redis never deletes a key the gateway relies on.
 SAFE_POLICY: Final = "noeviction"
 
@@ -252,6 +256,7 @@ class RedisBroker:
             self._append_all, limit=APPEND_BATCH)
         self._dropping: asyncio.Task[None] | None = None
         self._pinging: asyncio.Task[None] | None = None
+        self._link = Link(node_timeout)  # every round trip through ``_unavailable`` counts
         self._liveness = NodeLiveness(
             redis=self._redis, reserved=self._clients.liveness, slot=self._clients.slot,
             keys=self.keys, node_id=node_id,
@@ -279,9 +284,12 @@ class RedisBroker:
         try:
             yield
         except UNAVAILABLE as exc:
+            if isinstance(exc, LINK_FAILURES):
+                self._link.failed()
             if self._dropping is None and not self._clients.is_cluster:
                 self._dropping = asyncio.get_running_loop().create_task(self._drop_idle())
             raise BackendUnavailable(type(exc).__name__) from exc
+        self._link.answered(time.monotonic())
 
     async def _drop_idle(self) -> None:
         try:
@@ -362,11 +370,12 @@ class RedisBroker:
             raise ReadOnlyError(f"the Redis this node writes to is a {text(role[0])}")
 
     def require_current(self) -> None:
-        """Raise ``BackendUnavailable`` unless Redis answered this node's heartbeat lately
-        (``NodeLiveness.reachable``): cut off from Redis, the node's replica of a log may
-        be missing what others appended, and its peers reap its own sessions — a presence
+        """Raise ``BackendUnavailable`` unless the link to Redis works (``Link``: the last
+        round trip was answered, and one was within ``node_timeout``; the heartbeat makes
+        one every node_timeout/3): cut off from Redis, the node's replica of a log may be
+        missing what others appended, and its peers reap its own sessions — a presence
         read must not answer from it as if it were current."""
-        if not self._liveness.reachable():
+        if not self._link.current(time.monotonic()):
             raise BackendUnavailable("redis unreachable: presence replica not current")
 
     def on_reassert(self, callback: Callable[[], Awaitable[None]]) -> None:

@@ -67,8 +67,6 @@ class NodeLiveness:
         self._reassert_task: asyncio.Task[None] | None = None
         self._reassert_wanted = False
         self._nodes_cursor = 0  # SSCAN cursor over the known nodes, carried across sweeps
-        self._confirmed_at = float("-inf")  # time.monotonic() when the last answered beat was sent
-        self._beat_failed = False  # the last beat got no answer
 
     def on_reassert(self, callback: Callable[[], Awaitable[None]],
                     before: Callable[[], None]) -> None:
@@ -94,27 +92,12 @@ class NodeLiveness:
 
     # -- heartbeat -------------------------------------------------------------------
 
-    def reachable(self) -> bool:
-        """Whether Redis answered this node lately: the last beat got an answer, sent less
-        than ``node_timeout`` ago. A node cut off from Redis (a partition) stops being
-        reachable within ``node_timeout`` (sooner once a beat times out), when its peers
-        may reap it: what it replicated from the log is then no longer vouched for."""
-        return (not self._beat_failed
-                and time.monotonic() - self._confirmed_at < self._node_timeout)
-
     async def _beat(self) -> str:
-        sent = time.monotonic()
-        try:
-            answer = text(await self._heartbeat_script(
-                keys=[self._keys.alive(self.node_id), self._keys.reaping(self.node_id)],
-                args=[self.incarnation, int(self._node_timeout * 1000)],
-                client=self._reserved,
-            ))
-        except BaseException:
-            self._beat_failed = True
-            raise
-        self._confirmed_at, self._beat_failed = sent, False
-        return answer
+        return text(await self._heartbeat_script(
+            keys=[self._keys.alive(self.node_id), self._keys.reaping(self.node_id)],
+            args=[self.incarnation, int(self._node_timeout * 1000)],
+            client=self._reserved,
+        ))
 
     async def _heartbeat_loop(self) -> None:
         """Beat every node_timeout/3, whatever else runs; re-assertions run beside it
