@@ -205,7 +205,8 @@ class RedisClients:
         self.commands = self._client(max_connections, common)
         timeouts = {} if liveness_timeout is None else {
             "socket_timeout": liveness_timeout,
-            "socket_connect_timeout": min(liveness_timeout, common["socket_connect_timeout"])}
+            "socket_connect_timeout": min(liveness_timeout,
+                                          common.get("socket_connect_timeout", liveness_timeout))}
         self.liveness: Any = self._client(LIVENESS_CONNECTIONS, {**common, **timeouts})
 
     def _client(self, max_connections: int, options: dict[str, Any]) -> Any:
