@@ -18,8 +18,11 @@ Faults (seeded, sequential for nodes and Redis, concurrent for clients): SIGKILL
 a node; SIGSTOP then SIGCONT a node; SIGTERM (drain) and restart; restart Redis gracefully
 (AOF keeps everything); SIGKILL Redis and restart it without its data (history really lost);
 make Redis full for a moment (``maxmemory`` below what it uses, ``noeviction``); crash
-Redis' host (SIGKILL, the AOF cut back to what ``everysec`` had flushed); clients that vanish
-mid-replay (resume from far back, drop the TCP connection) and clients that stop reading.
+Redis' host (SIGKILL, the AOF cut back to what ``everysec`` had flushed); cut one node's link
+to Redis (``partition``: a blackhole, nothing closed) or slow it down (``slow_link``: 200-500
+ms each way), each node reaching Redis through a proxy of its own when these are enabled
+(``Endpoint``); clients that vanish mid-replay (resume from far back, drop the TCP
+connection) and clients that stop reading.
 
 Checked afterwards (docs/chaos.md): (a) every client got every event of its workspaces
 exactly once and in order from its start point, or a ``sync.reset`` where history was really
@@ -59,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from protocol.ws import SUBPROTOCOL_JSON
 from tests.multinode.conftest import Spawner
-from tests.multinode.harness import ORG, Node, RedisServer, auth, base, workspace_log_key
+from tests.multinode.harness import ORG, Endpoint, Node, RedisServer, auth, base, workspace_log_key
 
 EVENT_TYPE: Final = "chaos.tick"
 BALLAST: Final = "chaos-ballast"  # a workspace with a long history of big events (see seed_ballast)
@@ -74,10 +77,16 @@ IDLE: Final = 2.5 * KEEPALIVE  # nothing read for this long: the node is gone (o
 SETTLE_SLACK: Final = 4.0  # heartbeat phase + a sweep + delivery, on a loaded 2-core machine
 RETRYABLE: Final = frozenset({409, 425, 429, 500, 502, 503, 504})
 INFRA_KINDS: Final = ("node_kill", "node_pause", "node_drain", "redis_restart", "redis_wipe",
-                       "redis_full", "redis_crash")
+                       "redis_full", "redis_crash", "partition", "slow_link")
 CLIENT_KINDS: Final = ("client_vanish", "client_stall")
 INFRA_WEIGHTS: Final = {"node_kill": 3, "node_pause": 3, "node_drain": 3, "redis_restart": 2,
-                        "redis_wipe": 1, "redis_full": 1, "redis_crash": 1}
+                        "redis_wipe": 1, "redis_full": 1, "redis_crash": 1, "partition": 2, "slow_link": 2}
+# Faults of one node's link to Redis; with one of them enabled every node reaches Redis
+# through an ``Endpoint`` of its own. Their lengths: a blackhole from 0.5 s to twice the node
+# timeout (peers reap the node past it), 200-500 ms each way for 5-30 s.
+LINK_KINDS: Final = ("partition", "slow_link")
+SLOW_LINK_DELAY: Final = (0.2, 0.5)
+SLOW_LINK_LENGTH: Final = (5.0, 30.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -685,6 +694,7 @@ class World:
                  recorder: Recorder) -> None:
         self.options, self.spawner, self.redis, self.nodes = options, spawner, redis, nodes
         self.recorder = recorder
+        self.links: dict[str, Endpoint] = {}  # node name -> its proxy to Redis (link faults)
         self.workspaces = [f"chaos-{n}" for n in range(options.workspaces)]
         if options.ballast_mb > 0:
             self.workspaces.append(BALLAST)
@@ -1162,9 +1172,16 @@ class FaultPlan:
             kind = self.first_round.pop()
         else:
             kind = rng.choices(self.infra_kinds, [INFRA_WEIGHTS[k] for k in self.infra_kinds])[0]
-        target = rng.choice(self.node_names) if kind.startswith("node_") else "redis"
+        target = rng.choice(self.node_names) if kind.startswith("node_") or kind in LINK_KINDS else "redis"
         longest = 2 * self.options.node_timeout if kind == "node_pause" else 2.5
-        return PlannedFault(kind, target, rng.uniform(0.3, longest), rng.uniform(0.5, self.longest_gap(4.0)))
+        shortest, longest = self.link_length(kind) or (0.3, longest)
+        return PlannedFault(kind, target, rng.uniform(shortest, longest), rng.uniform(0.5, self.longest_gap(4.0)))
+
+    def link_length(self, kind: str) -> tuple[float, float] | None:
+        """How long a fault of a node's link lasts (None: not a link fault)."""
+        if kind == "partition":
+            return 0.5, 2 * self.options.node_timeout
+        return SLOW_LINK_LENGTH if kind == "slow_link" else None
 
     def longest_gap(self, most: float) -> float:
         """Short runs pause less between faults, so that they still get through every kind."""
@@ -1224,6 +1241,7 @@ class Faults:
             "node_kill": self.node_kill, "node_pause": self.node_pause, "node_drain": self.node_drain,
             "redis_restart": self.redis_restart, "redis_wipe": self.redis_wipe,
             "redis_full": self.redis_full, "redis_crash": self.redis_crash,
+            "partition": self.partition, "slow_link": self.slow_link,
         }
         while (fault := self.plan.next_infra()) is not None:
             await asyncio.sleep(fault.gap)
@@ -1308,6 +1326,30 @@ class Faults:
         await asyncio.sleep(fault.length)
         await asyncio.to_thread(redis.start)
         return f"SIGKILL, AOF deleted, down {fault.length:.1f}s" + await self.seed_ballast()
+
+    async def partition(self, fault: PlannedFault) -> str:
+        """Cut the node's link to Redis like a cable (nothing closed or reset), then heal it:
+        the node must say 503, its peers reap it past the node timeout, and it re-asserts
+        what it holds once the link is back (its users may leave and rejoin once)."""
+        link = self.world.links[fault.target]
+        link.blackhole()
+        try:
+            await asyncio.sleep(fault.length)
+        finally:
+            link.heal()
+        beyond = " (beyond --node-timeout)" if fault.length > self.world.options.node_timeout else ""
+        return f"blackhole {fault.length:.1f}s then healed{beyond}"
+
+    async def slow_link(self, fault: PlannedFault) -> str:
+        """Delay everything between the node and Redis: no reaping, nothing lost or repeated."""
+        link = self.world.links[fault.target]
+        link.slow(*SLOW_LINK_DELAY)
+        try:
+            await asyncio.sleep(fault.length)
+        finally:
+            link.heal()
+        low, high = SLOW_LINK_DELAY
+        return f"{low * 1000:.0f}-{high * 1000:.0f} ms each way for {fault.length:.1f}s"
 
     async def redis_full(self, fault: PlannedFault) -> str:
         """Redis out of memory (``noeviction``): ``maxmemory`` 1 MB below what it uses, so every
@@ -1798,14 +1840,20 @@ async def run(options: Options, directory: Path | None = None) -> tuple[Report, 
     directory = directory or Path(tempfile.mkdtemp(prefix="chaos-"))
     spawner = Spawner(directory)
     passed = False
+    proxies = contextlib.AsyncExitStack()
     try:
         redis = await asyncio.to_thread(spawner.redis, persist=True, fsync="everysec")
         names = [f"node-{chr(ord('a') + n)}" for n in range(options.nodes)]
-        nodes = await spawner.start(redis, *names, node_timeout=options.node_timeout,
-                                    disconnect_grace=options.disconnect_grace, extra=node_flags(options))
+        links = {name: await proxies.enter_async_context(Endpoint(redis.port)) for name in names
+                 if set(LINK_KINDS) & set(options.faults)}
+        started = await asyncio.gather(*(spawner.start(
+            links.get(name, redis), name, node_timeout=options.node_timeout,
+            disconnect_grace=options.disconnect_grace, extra=node_flags(options)) for name in names))
+        nodes = [node for group in started for node in group]
         recorder = Recorder()
         recorder.verbose = options.verbose
         world = World(options, spawner, redis, nodes, recorder)
+        world.links = links
         try:
             report = await Scenario(world).play()
         finally:
@@ -1814,6 +1862,7 @@ async def run(options: Options, directory: Path | None = None) -> tuple[Report, 
         return report, render(report, recorder)
     finally:
         await asyncio.to_thread(spawner.stop_all)
+        await proxies.aclose()
         if made and passed:
             shutil.rmtree(directory, ignore_errors=True)
 
