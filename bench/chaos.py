@@ -18,8 +18,11 @@ Faults (seeded, sequential for nodes and Redis, concurrent for clients): SIGKILL
 a node; SIGSTOP then SIGCONT a node; SIGTERM (drain) and restart; restart Redis gracefully
 (AOF keeps everything); SIGKILL Redis and restart it without its data (history really lost);
 make Redis full for a moment (``maxmemory`` below what it uses, ``noeviction``); crash
-Redis' host (SIGKILL, the AOF cut back to what ``everysec`` had flushed); clients that vanish
-mid-replay (resume from far back, drop the TCP connection) and clients that stop reading.
+Redis' host (SIGKILL, the AOF cut back to what ``everysec`` had flushed); cut one node's link
+to Redis (``partition``: a blackhole, nothing closed) or slow it down (``slow_link``: 200-500
+ms each way), each node reaching Redis through a proxy of its own when these are enabled
+(``Endpoint``); clients that vanish mid-replay (resume from far back, drop the TCP
+connection) and clients that stop reading.
 
 Checked afterwards (docs/chaos.md): (a) every client got every event of its workspaces
 exactly once and in order from its start point, or a ``sync.reset`` where history was really
@@ -59,7 +62,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from protocol.ws import SUBPROTOCOL_JSON
 from tests.multinode.conftest import Spawner
-from tests.multinode.harness import ORG, Node, RedisServer, auth, base, skewed_clock, workspace_log_key
+from tests.multinode.harness import (
+    ORG,
+    Endpoint,
+    Node,
+    RedisServer,
+    auth,
+    base,
+    skewed_clock,
+    workspace_log_key,
+)
 
 EVENT_TYPE: Final = "chaos.tick"
 BALLAST: Final = "chaos-ballast"  # a workspace with a long history of big events (see seed_ballast)
@@ -75,10 +87,17 @@ SETTLE_SLACK: Final = 4.0  # heartbeat phase + a sweep + delivery, on a loaded 2
 CLOCK_PROBE_EARLY: Final = 1.5  # clock_skew: seconds a deadline or an id may be off, load included
 RETRYABLE: Final = frozenset({409, 425, 429, 500, 502, 503, 504})
 INFRA_KINDS: Final = ("node_kill", "node_pause", "node_drain", "redis_restart", "redis_wipe",
-                       "redis_full", "redis_crash", "clock_skew")
+                       "redis_full", "redis_crash", "partition", "slow_link", "clock_skew")
 CLIENT_KINDS: Final = ("client_vanish", "client_stall")
 INFRA_WEIGHTS: Final = {"node_kill": 3, "node_pause": 3, "node_drain": 3, "redis_restart": 2,
-                        "redis_wipe": 1, "redis_full": 1, "redis_crash": 1, "clock_skew": 1}
+                        "redis_wipe": 1, "redis_full": 1, "redis_crash": 1, "partition": 2, "slow_link": 2,
+                        "clock_skew": 1}
+# Faults of one node's link to Redis; with one of them enabled every node reaches Redis
+# through an ``Endpoint`` of its own. Their lengths: a blackhole from 0.5 s to twice the node
+# timeout (peers reap the node past it), 200-500 ms each way for 5-30 s.
+LINK_KINDS: Final = ("partition", "slow_link")
+SLOW_LINK_DELAY: Final = (0.2, 0.5)
+SLOW_LINK_LENGTH: Final = (5.0, 30.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -699,6 +718,7 @@ class World:
                  recorder: Recorder) -> None:
         self.options, self.spawner, self.redis, self.nodes = options, spawner, redis, nodes
         self.recorder = recorder
+        self.links: dict[str, Endpoint] = {}  # node name -> its proxy to Redis (link faults)
         self.workspaces = [f"chaos-{n}" for n in range(options.workspaces)]
         if options.ballast_mb > 0:
             self.workspaces.append(BALLAST)
@@ -1176,9 +1196,16 @@ class FaultPlan:
             kind = self.first_round.pop()
         else:
             kind = rng.choices(self.infra_kinds, [INFRA_WEIGHTS[k] for k in self.infra_kinds])[0]
-        target = rng.choice(self.node_names) if kind.startswith("node_") else "redis"
+        target = rng.choice(self.node_names) if kind.startswith("node_") or kind in LINK_KINDS else "redis"
         longest = 2 * self.options.node_timeout if kind == "node_pause" else 2.5
-        return PlannedFault(kind, target, rng.uniform(0.3, longest), rng.uniform(0.5, self.longest_gap(4.0)))
+        shortest, longest = self.link_length(kind) or (0.3, longest)
+        return PlannedFault(kind, target, rng.uniform(shortest, longest), rng.uniform(0.5, self.longest_gap(4.0)))
+
+    def link_length(self, kind: str) -> tuple[float, float] | None:
+        """How long a fault of a node's link lasts (None: not a link fault)."""
+        if kind == "partition":
+            return 0.5, 2 * self.options.node_timeout
+        return SLOW_LINK_LENGTH if kind == "slow_link" else None
 
     def longest_gap(self, most: float) -> float:
         """Short runs pause less between faults, so that they still get through every kind."""
@@ -1238,6 +1265,7 @@ class Faults:
             "node_kill": self.node_kill, "node_pause": self.node_pause, "node_drain": self.node_drain,
             "redis_restart": self.redis_restart, "redis_wipe": self.redis_wipe,
             "redis_full": self.redis_full, "redis_crash": self.redis_crash,
+            "partition": self.partition, "slow_link": self.slow_link,
             "clock_skew": self.clock_skew,
         }
         while (fault := self.plan.next_infra()) is not None:
@@ -1324,6 +1352,30 @@ class Faults:
         await asyncio.to_thread(redis.start)
         return f"SIGKILL, AOF deleted, down {fault.length:.1f}s" + await self.seed_ballast()
 
+    async def partition(self, fault: PlannedFault) -> str:
+        """Cut the node's link to Redis like a cable (nothing closed or reset), then heal it:
+        the node must say 503, its peers reap it past the node timeout, and it re-asserts
+        what it holds once the link is back (its users may leave and rejoin once)."""
+        link = self.world.links[fault.target]
+        link.blackhole()
+        try:
+            await asyncio.sleep(fault.length)
+        finally:
+            link.heal()
+        beyond = " (beyond --node-timeout)" if fault.length > self.world.options.node_timeout else ""
+        return f"blackhole {fault.length:.1f}s then healed{beyond}"
+
+    async def slow_link(self, fault: PlannedFault) -> str:
+        """Delay everything between the node and Redis: no reaping, nothing lost or repeated."""
+        link = self.world.links[fault.target]
+        link.slow(*SLOW_LINK_DELAY)
+        try:
+            await asyncio.sleep(fault.length)
+        finally:
+            link.heal()
+        low, high = SLOW_LINK_DELAY
+        return f"{low * 1000:.0f}-{high * 1000:.0f} ms each way for {fault.length:.1f}s"
+
     async def redis_full(self, fault: PlannedFault) -> str:
         """Redis out of memory (``noeviction``): ``maxmemory`` 1 MB below what it uses, so every
         write that would grow it is refused, then no limit again."""
@@ -1371,28 +1423,23 @@ class Faults:
         """Restart a node (SIGKILL) with its wall clock 5 to 30 s ahead of or behind everyone's
         (libfaketime; its monotonic clock and timers untouched), keep it so for about a
         REST lease, then restart it on the true clock. Meanwhile check (f): what a node made
-        holds on another whatever their clocks (``probe_clocks``). JWT times are each node's
-        own (docs/redis.md, "Clocks"): the skewed node runs with ``--jwt-leeway`` widened to
-        cover its skew, as an operator would until the clock is fixed, or a node behind would
-        refuse every fresh token (``iat`` in its future)."""
+        holds on another whatever their clocks (``probe_clocks``). (The checker's tokens are
+        fresh, so a node behind judges their ``iat`` ahead of it: accepted, docs/redis.md.)"""
         rng = self.world.rng(f"clock_skew-{next(self.counter)}")
         node = self.node(rng.choice([node.name for node in self.world.nodes]))
         offset = rng.choice((-1.0, 1.0)) * rng.uniform(5.0, 30.0)
-        flags = node.extra
-        detail = f"{node.name} {offset:+.1f}s" + await self.restart_with(
-            node, skewed_clock(offset), (*flags, "--jwt-leeway", f"{abs(offset) + 10:.0f}"))
+        detail = f"{node.name} {offset:+.1f}s" + await self.restart_with(node, skewed_clock(offset))
         began = self.world.now()
         detail += await self.probe_clocks(node, hold=PRESENCE_TTL - CLOCK_PROBE_EARLY + fault.length)
-        detail += f", skewed {self.world.now() - began:.1f}s" + await self.restart_with(node, {}, flags)
+        detail += f", skewed {self.world.now() - began:.1f}s" + await self.restart_with(node, {})
         return detail
 
-    async def restart_with(self, node: Node, env: dict[str, str], extra: tuple[str, ...]) -> str:
-        """SIGKILL ``node`` and start it again with ``env`` (its clock's skew, or none) and
-        ``extra`` flags."""
+    async def restart_with(self, node: Node, env: dict[str, str]) -> str:
+        """SIGKILL ``node`` and start it again with ``env`` (its clock's skew, or none)."""
         self.down.add(node.name)
         node.signal(signal.SIGKILL)
         await asyncio.to_thread(node.wait_exit, 10)
-        node.env, node.extra = env, extra
+        node.env = env
         return await self.restart(node)
 
     async def probe_clocks(self, skewed: Node, hold: float) -> str:
@@ -1889,14 +1936,20 @@ async def run(options: Options, directory: Path | None = None) -> tuple[Report, 
     directory = directory or Path(tempfile.mkdtemp(prefix="chaos-"))
     spawner = Spawner(directory)
     passed = False
+    proxies = contextlib.AsyncExitStack()
     try:
         redis = await asyncio.to_thread(spawner.redis, persist=True, fsync="everysec")
         names = [f"node-{chr(ord('a') + n)}" for n in range(options.nodes)]
-        nodes = await spawner.start(redis, *names, node_timeout=options.node_timeout,
-                                    disconnect_grace=options.disconnect_grace, extra=node_flags(options))
+        links = {name: await proxies.enter_async_context(Endpoint(redis.port)) for name in names
+                 if set(LINK_KINDS) & set(options.faults)}
+        started = await asyncio.gather(*(spawner.start(
+            links.get(name, redis), name, node_timeout=options.node_timeout,
+            disconnect_grace=options.disconnect_grace, extra=node_flags(options)) for name in names))
+        nodes = [node for group in started for node in group]
         recorder = Recorder()
         recorder.verbose = options.verbose
         world = World(options, spawner, redis, nodes, recorder)
+        world.links = links
         try:
             report = await Scenario(world).play()
         finally:
@@ -1905,6 +1958,7 @@ async def run(options: Options, directory: Path | None = None) -> tuple[Report, 
         return report, render(report, recorder)
     finally:
         await asyncio.to_thread(spawner.stop_all)
+        await proxies.aclose()
         if made and passed:
             shutil.rmtree(directory, ignore_errors=True)
 

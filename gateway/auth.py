@@ -166,12 +166,14 @@ class TokenVerifier:
             if len(self._verified) >= VERIFIED_CACHE:
                 del self._verified[next(iter(self._verified))]
         self._verified[key] = verified
-        identity, valid_from = verified
+        identity, nbf = verified
         now = self._now()
         if now > identity.expires_at + self._leeway:
             raise authentication_failed("token expired")
-        if valid_from is not None and now + self._leeway < valid_from:
+        if nbf is not None and now + self._leeway < nbf:
             raise authentication_failed("token not yet valid")
+        if self._max_lifetime > 0 and identity.expires_at - now > self._max_lifetime + self._leeway:
+            raise authentication_failed("token lifetime too long")  # its iat was moved ahead
         return identity
 
     def _check(self, token: str) -> tuple[Identity, Any]:
@@ -201,24 +203,30 @@ class TokenVerifier:
             raise authentication_failed("invalid token") from exc
         if not isinstance(claims.get("exp"), (int, float)):
             raise authentication_failed("token expired")
-        return identity_from_claims(claims), self._valid_from(claims)
-
-    def _valid_from(self, claims: dict[str, Any]) -> float | None:
-        """When the token starts to be valid: its ``nbf``, and with a lifetime ceiling its
-        ``iat`` as well (required then: a careless issuer's 10-year ``exp``, or an ``iat``
-        moved into the future to stretch it, is refused rather than trusted for years)."""
-        nbf, iat = claims.get("nbf"), claims.get("iat")
-        times = [nbf] if nbf is not None else []
-        if self._max_lifetime > 0:
-            if iat is None:
-                raise authentication_failed("iat required")
-            times.append(iat)
-        if not all(isinstance(value, (int, float)) and not isinstance(value, bool)
-                   for value in times):
+        nbf = claims.get("nbf")
+        if nbf is not None and not _is_time(nbf):
             raise authentication_failed("invalid claims")
-        if self._max_lifetime > 0 and claims["exp"] - iat > self._max_lifetime:
+        if self._max_lifetime > 0:
+            self._check_lifetime(claims)
+        return identity_from_claims(claims), nbf
+
+    def _check_lifetime(self, claims: dict[str, Any]) -> None:
+        """The lifetime ceiling: ``exp - iat`` at most ``--jwt-max-lifetime`` (``iat``
+        required), so a careless issuer's 10-year ``exp`` is refused rather than trusted for
+        years. An ``iat`` ahead of this node's clock is fine (the issuer's clock may be):
+        ``verify`` bounds what is left, ``exp - now``, by the ceiling as well, so moving
+        ``iat`` ahead cannot stretch a token."""
+        iat = claims.get("iat")
+        if iat is None:
+            raise authentication_failed("iat required")
+        if not _is_time(iat):
+            raise authentication_failed("invalid claims")
+        if claims["exp"] - iat > self._max_lifetime:
             raise authentication_failed("token lifetime too long")
-        return max(times, default=None)
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def bearer_token(header: str | None) -> str:

@@ -68,6 +68,10 @@ class Broker(Protocol):
     async def ping(self) -> None:
         """Return if the backend is reachable and accepting writes; else raise ``BackendUnavailable``."""
 
+    def require_current(self) -> None:
+        """Raise ``BackendUnavailable`` if this node may be cut off from the shared log, so
+        that what it replicated from it may be out of date (a partition)."""
+
     async def append(
         self, workspace: WorkspaceKey, event_type: str, actor: dict[str, Any], data: dict[str, Any],
         idempotency_key: str | None = None,

@@ -115,6 +115,9 @@ class MemoryBroker:
     async def ping(self) -> None:
         return None
 
+    def require_current(self) -> None:
+        """Always current: the log is in this process."""
+
     def _log(self, workspace: WorkspaceKey) -> _Log:
         log = self._logs.get(workspace)
         if log is None:

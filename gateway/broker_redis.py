@@ -51,6 +51,7 @@ from gateway.broker import (
 )
 from gateway.clock import AlignedClock, Clock, SystemClock
 from gateway.combining import Combiner
+from gateway.liveness import Link
 from gateway.log_entries import EntryReader, entry_fields, issued, text
 from gateway.presence import (
     PendingEvent,
@@ -63,6 +64,7 @@ from gateway.presence import (
 from gateway.redis_follow import LogReader, LogState
 from gateway.redis_liveness import NodeLiveness
 from gateway.redis_topology import RedisClients
+from gateway.tasks import stop
 from protocol.envelope import ZERO, EntryId, Envelope, EventId, WorkspaceKey
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,8 @@ log = logging.getLogger(__name__)
 # (``maxmemory`` under ``noeviction``) refuses writes that would grow it: 503 until it frees.
 UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError,
                       OSError)
+# Those that say the link itself fails (not a full or demoted Redis that still answers).
+LINK_FAILURES: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 # The only ``maxmemory-policy`` under which Redis never deletes a key the gateway relies on.
 SAFE_POLICY: Final = "noeviction"
 
@@ -82,6 +86,14 @@ IDLE_EPOCH_TTL_MS: Final = 600_000  # the epoch a read made for a workspace with
 APPEND_BATCH: Final = 64  # publishes of one workspace sent in one append.lua call at most
 APPENDING: Final = ("append", "presence")  # the scripts that start with _log.lua
 CLOCK_WARN_OFFSET: Final = 1.0  # seconds off Redis's clock worth a warning at start
+READY_TIMEOUT: Final = 2.0  # a readiness check waits this long for Redis's answer
+
+
+def liveness_timeout(node_timeout: float) -> float:
+    """The socket timeout of the heartbeat's connections: two thirds of ``node_timeout``
+    (0.5 s to 5 s), so a beat over a slow link still counts and a cut link is noticed
+    within about ``node_timeout``."""
+    return max(0.5, min(node_timeout * 2 / 3, 5.0))
 
 
 def _lua(name: str) -> str:
@@ -222,8 +234,11 @@ class RedisBroker:
         self._idempotency_ttl_ms = max(1, int(idempotency_ttl * 1000))
         self._allow_eviction = allow_eviction
         # Commands hold a connection for one round trip, and wait (at most ``pool_wait``,
-        # then BackendUnavailable) for one of ``max_connections`` per primary.
+        # then BackendUnavailable) for one of ``max_connections`` per primary. The heartbeat
+        # has connections of its own, whose answers may take up to two thirds of the
+        # timeout (a beat answered later than that is no use: the key is about to lapse).
         self._clients = RedisClients(url, max_connections=max_connections, pool_wait=pool_wait,
+                                     liveness_timeout=liveness_timeout(node_timeout),
                                      common={
                                          "decode_responses": False,
                                          "socket_connect_timeout": 2.0,
@@ -247,8 +262,11 @@ class RedisBroker:
         self._appends: Combiner[WorkspaceKey, _Publish, Envelope] = Combiner(
             self._append_all, limit=APPEND_BATCH)
         self._dropping: asyncio.Task[None] | None = None
+        self._pinging: asyncio.Task[None] | None = None
+        self._link = Link(node_timeout)  # every round trip through ``_unavailable`` counts
         self._liveness = NodeLiveness(
-            redis=self._redis, slot=self._clients.slot, keys=self.keys, node_id=node_id,
+            redis=self._redis, reserved=self._clients.liveness, slot=self._clients.slot,
+            keys=self.keys, node_id=node_id,
             incarnation=self.incarnation,
             scripts=(self._script("heartbeat"), self._script("claim")),
             node_timeout=node_timeout, guard=self._unavailable,
@@ -273,13 +291,17 @@ class RedisBroker:
         try:
             yield
         except UNAVAILABLE as exc:
+            if isinstance(exc, LINK_FAILURES):
+                self._link.failed()
             if self._dropping is None and not self._clients.is_cluster:
                 self._dropping = asyncio.get_running_loop().create_task(self._drop_idle())
             raise BackendUnavailable(type(exc).__name__) from exc
+        self._link.answered(time.monotonic())
 
     async def _drop_idle(self) -> None:
         try:
-            await self._redis.connection_pool.disconnect(inuse_connections=False)
+            for client in (self._redis, self._clients.liveness):
+                await client.connection_pool.disconnect(inuse_connections=False)
         except Exception:  # best effort: a dead connection still fails on its own
             log.debug("could not drop idle redis connections", exc_info=True)
         finally:
@@ -342,6 +364,7 @@ class RedisBroker:
         log.error(f"{problem}; running anyway (--redis-allow-eviction)")
 
     async def close(self) -> None:
+        await stop(self._pinging)
         await self._appends.close()
         await self._presence_writes.close()
         await self._reader.close()
@@ -353,14 +376,35 @@ class RedisBroker:
 
     async def ping(self) -> None:
         """Reachable and writable: a server demoted to a replica answers PING but refuses
-        every write, so a node still pointed at one must not report itself ready."""
+        every write, so a node still pointed at one must not report itself ready.
+
+        On the node's reserved connections (a slow link or busy requests do not make it
+        unready), and concurrent checks share one round trip (a load balancer polling
+        often holds at most one of them)."""
+        if self._pinging is None or self._pinging.done():
+            self._pinging = asyncio.get_running_loop().create_task(self._check_writable())
+            # (its failure is each waiter's; one that nobody waited for is not an error)
+            self._pinging.add_done_callback(lambda task: task.cancelled() or task.exception())
         with self._unavailable():
-            if self._clients.is_cluster:  # the cluster client sends writes to primaries
-                await asyncio.wait_for(self._redis.ping(), 2.0)
-                return
-            role = await asyncio.wait_for(self._redis.execute_command("ROLE"), 2.0)
-            if text(role[0]) != "master":
-                raise ReadOnlyError(f"the Redis this node writes to is a {text(role[0])}")
+            await asyncio.wait_for(asyncio.shield(self._pinging), READY_TIMEOUT)
+
+    async def _check_writable(self) -> None:
+        reserved = self._clients.liveness
+        if self._clients.is_cluster:  # the cluster client sends writes to primaries
+            await reserved.ping()
+            return
+        role = await reserved.execute_command("ROLE")
+        if text(role[0]) != "master":
+            raise ReadOnlyError(f"the Redis this node writes to is a {text(role[0])}")
+
+    def require_current(self) -> None:
+        """Raise ``BackendUnavailable`` unless the link to Redis works (``Link``: the last
+        round trip was answered, and one was within ``node_timeout``; the heartbeat makes
+        one every node_timeout/3): cut off from Redis, the node's replica of a log may be
+        missing what others appended, and its peers reap its own sessions — a presence
+        read must not answer from it as if it were current."""
+        if not self._link.current(time.monotonic()):
+            raise BackendUnavailable("redis unreachable: presence replica not current")
 
     def on_reassert(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Call ``callback`` whenever this node's bindings in Redis may have been lost."""

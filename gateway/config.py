@@ -63,8 +63,8 @@ class Settings:
     jwt_leeway: float = field(default=10.0, metadata=_meaning(
         "seconds of clock skew tolerated on a JWT's exp, nbf and iat"))
     jwt_max_lifetime: float = field(default=86_400.0, metadata=_meaning(
-        "longest a client JWT may be valid, in seconds: exp - iat (iat is then required, and "
-        "may not be in the future); longer ones are refused with 401; 0: no ceiling"))
+        "longest a client JWT may be valid, in seconds: exp - iat (iat is then required) and "
+        "exp - now; longer ones are refused with 401; 0: no ceiling"))
     allowed_origins: tuple[str, ...] = field(default=(), metadata=_meaning(
         "comma-separated browser origins (scheme://host[:port]) whose pages may open a "
         "WebSocket and read REST/SSE answers (CORS); exact matches only",

@@ -289,6 +289,9 @@ class Gateway:
     async def presence(
         self, workspace: WorkspaceKey, resource: Resource | None = None
     ) -> dict[str, Any]:
+        """Members from this node's replica of the log; ``BackendUnavailable`` (503) while
+        the node cannot vouch that the replica is current (cut off from Redis)."""
+        self.broker.require_current()
         feed = await self.hub.feed(workspace)
         return feed.presence(resource)
 

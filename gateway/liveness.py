@@ -96,3 +96,27 @@ def may_forget(*, force: bool, failed: bool, index_left: bool) -> bool:
     """Whether a reaper removes the node from the set of known nodes: only after a complete
     reaping of a dead node (not its own previous incarnation, which stays registered)."""
     return not force and not failed and not index_left
+
+
+class Link:
+    """Whether this node's link to Redis works, from the outcomes of its round trips (the
+    heartbeat's, every node_timeout/3, and every request's). Current while the latest
+    outcome was an answer and an answer came within ``within`` seconds: a node cut off
+    (a partition) stops being current as soon as one round trip times out, and within
+    ``within`` at the latest. Times are ``time.monotonic()``, given by the caller."""
+
+    def __init__(self, within: float) -> None:
+        if within <= 0:
+            raise ValueError("within must be positive")
+        self.within = within
+        self._answered_at = float("-inf")
+        self._failing = False
+
+    def answered(self, now: float) -> None:
+        self._answered_at, self._failing = now, False
+
+    def failed(self) -> None:
+        self._failing = True
+
+    def current(self, now: float) -> bool:
+        return not self._failing and now - self._answered_at < self.within

@@ -41,7 +41,9 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import msgpack
+from redis.asyncio.client import PubSub
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.broker import Following, LogSink
 from gateway.log_entries import EntryReader, text
@@ -55,7 +57,10 @@ READ_PAGE: Final = 256  # entries per read of one log; a longer backlog is read 
 READ_BATCH: Final = 256  # logs read per round trip
 AUDIT_PERIOD: Final = 60.0  # every followed log is read at least this often...
 AUDIT_RATE: Final = 50  # ...unless that means more than this many reads a second
-LISTEN_TIMEOUT: Final = 30.0  # a pub/sub read returns this often (health checks run then)
+# A pub/sub connection silent this long is sent a PING; silent as long again, it is taken
+# for dead and made anew. A link cut without a reset (a partition) is otherwise noticed only
+# by the kernel's TCP timeout, many minutes later, if ever (nothing is sent on it).
+SILENCE: Final = 2.0
 BACKOFF_CAP: Final = 2.0
 
 
@@ -229,7 +234,9 @@ class ShardListener:
 
     Wanted channels are (re)subscribed whenever the connection is (re)made; each
     confirmation marks its followers for a read. A channel the server drops by itself
-    (its slot moved) goes back to the reader, which finds its new primary."""
+    (its slot moved) goes back to the reader, which finds its new primary. A connection
+    that neither delivers nor answers a PING for twice ``SILENCE`` is reconnected (every
+    log of the shard is then read again)."""
 
     def __init__(self, reader: LogReader, shard: Shard) -> None:
         self._reader = reader
@@ -298,13 +305,7 @@ class ShardListener:
                 self._kick.set()
                 if backoff.recovered():
                     log.info("redis notifications flowing again", extra={"shard": self.shard.name})
-                while True:
-                    try:
-                        message = await pubsub.get_message(timeout=LISTEN_TIMEOUT)
-                    finally:
-                        raise_if_cancelled()
-                    if message is not None:
-                        self._handle(message)
+                await self._receive(pubsub)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -318,6 +319,23 @@ class ShardListener:
                 # Notifications may have been missed: read every log of this shard again once
                 # resubscribed. On a cluster the slots may have moved: re-home every channel.
                 await self._reader.rehome(self)
+
+    async def _receive(self, pubsub: PubSub) -> None:
+        """Handle what the connection delivers until it fails or falls silent (raised)."""
+        pinged = False
+        while True:
+            try:
+                message = await pubsub.get_message(timeout=SILENCE)
+            finally:
+                raise_if_cancelled()
+            if message is not None:
+                pinged = False
+                self._handle(message)
+            elif pinged:
+                raise RedisConnectionError(f"no answer to a PING in {SILENCE} s")
+            else:
+                await pubsub.ping()
+                pinged = True
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]

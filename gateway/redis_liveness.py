@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -37,14 +38,18 @@ class NodeLiveness:
 
     ``guard`` turns Redis failures into ``BackendUnavailable`` (the broker's context
     manager), ``slot`` holds a command slot around a pipeline (``RedisClients.slot``);
-    ``change_presence`` is the broker's."""
+    ``change_presence`` is the broker's. The heartbeat and the node's registration go
+    through ``reserved`` (``RedisClients.liveness``), never waiting behind requests; the
+    reaping of peers is ordinary work on ``redis``."""
 
-    def __init__(self, *, redis: Any, slot: Callable[[], contextlib.AbstractAsyncContextManager[None]],
-                 keys: Any, scripts: Any, node_id: str, incarnation: str,
+    def __init__(self, *, redis: Any, reserved: Any,
+                 slot: Callable[[], contextlib.AbstractAsyncContextManager[None]], keys: Any,
+                 scripts: Any, node_id: str, incarnation: str,
                  node_timeout: float, guard: Callable[[], contextlib.AbstractContextManager[None]],
                  change_presence: ChangePresence, parse_tag: Callable[[str], WorkspaceKey],
                  unavailable: tuple[type[BaseException], ...]) -> None:
         self._redis = redis
+        self._reserved = reserved
         self._slot = slot
         self._keys = keys
         self._heartbeat_script, self._claim_script = scripts
@@ -71,7 +76,7 @@ class NodeLiveness:
         """Reap what a previous process with this node id left, register, start beating."""
         with self._guard():
             await self.reap(self.node_id, force=True)
-            await self._redis.sadd(self._keys.nodes, self.node_id)
+            await self._reserved.sadd(self._keys.nodes, self.node_id)
             await self._beat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="redis heartbeat")
 
@@ -83,7 +88,7 @@ class NodeLiveness:
             await stop(self._heartbeat_task)
             self._heartbeat_task = None
             with contextlib.suppress(*self._unavailable):
-                await self._redis.delete(self._keys.alive(self.node_id))
+                await self._reserved.delete(self._keys.alive(self.node_id))
 
     # -- heartbeat -------------------------------------------------------------------
 
@@ -91,14 +96,18 @@ class NodeLiveness:
         return text(await self._heartbeat_script(
             keys=[self._keys.alive(self.node_id), self._keys.reaping(self.node_id)],
             args=[self.incarnation, int(self._node_timeout * 1000)],
+            client=self._reserved,
         ))
 
     async def _heartbeat_loop(self) -> None:
         """Beat every node_timeout/3, whatever else runs; re-assertions run beside it
-        (``request_reassert``), however long they take."""
+        (``request_reassert``), however long they take. The period counts from when a beat
+        was sent: over a slow link the round trip does not stretch the gap between two
+        beats reaching Redis (a gap past ``node_timeout`` is a false reaping)."""
         heartbeat = Heartbeat(self._node_timeout / 3)
         while True:
             failure: Exception | None = None  # (an unforeseen one, logged with its traceback)
+            started = time.monotonic()
             try:
                 # Through the guard: a beat that finds its connection dead or on a demoted
                 # primary (READONLY) drops the idle pooled connections, so the next beat
@@ -119,7 +128,7 @@ class NodeLiveness:
                                     exc_info=failure if level == "exception" else None)
             if step.reassert:
                 self.request_reassert()
-            await pause(step.sleep)
+            await pause(max(0.0, step.sleep - (time.monotonic() - started)))
 
     # -- re-assertion ------------------------------------------------------------------
 
@@ -137,7 +146,7 @@ class NodeLiveness:
             try:
                 self._before_reassert()  # the node's workspace index may have lost entries
                 with self._guard():
-                    await self._redis.sadd(self._keys.nodes, self.node_id)
+                    await self._reserved.sadd(self._keys.nodes, self.node_id)
                 if self._reassert is not None:
                     await self._reassert()
             except Exception as exc:

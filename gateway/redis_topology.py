@@ -9,8 +9,10 @@
 Whatever the topology, a node holds a bounded number of connections per Redis primary:
 at most ``max_connections`` for commands (a caller waits up to ``pool_wait`` for one, then
 gets a connection error) plus one per primary for the notifications of the logs it
-follows (``Shard.pubsub``); with Sentinel, one more to a sentinel, which announces
-failovers. Credentials in the URL go to redis-py only; ``describe`` gives a URL safe to log.
+follows (``Shard.pubsub``), plus ``LIVENESS_CONNECTIONS`` of the node's own
+(``RedisClients.liveness``: heartbeat, registration, readiness), which requests never wait
+for; with Sentinel, one more to a sentinel, which announces failovers. Credentials in the
+URL go to redis-py only; ``describe`` gives a URL safe to log.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ DEFAULT_PORT: Final = 6379
 DEFAULT_SENTINEL_PORT: Final = 26379
 SWITCH_CHANNEL: Final = "+switch-master"  # what sentinels publish when they name a new primary
 REPLICA_CHECK: Final = 2.0  # how often a node asks the sentinel whether a replica is in sync
+# The heartbeat, the re-assertion's registration and the readiness check each hold one at a
+# time, so none of them ever waits for a connection (and none waits behind requests).
+LIVENESS_CONNECTIONS: Final = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,10 +187,14 @@ class RedisClients:
     ``commands`` is redis-py's client for it (``Redis`` or ``RedisCluster``): every
     per-workspace script and command runs there; a batch of script calls goes through
     ``run_scripts`` (one pipeline on one Redis, concurrent calls routed per slot on a
-    cluster). ``shard(name)`` is a primary's own client, for subscriptions."""
+    cluster). ``liveness`` is a client of the same kind with ``LIVENESS_CONNECTIONS`` of its
+    own and ``liveness_timeout`` as socket timeout: a slow link or a burst of requests that
+    holds every command connection must not delay the heartbeat into a false reaping
+    (docs/redis.md, "Partitions and slow links"). ``shard(name)`` is a primary's own
+    client, for subscriptions."""
 
     def __init__(self, url: str, *, max_connections: int, pool_wait: float,
-                 common: dict[str, Any]) -> None:
+                 common: dict[str, Any], liveness_timeout: float | None = None) -> None:
         self.url = RedisUrl.parse(url)
         self._pool_wait = pool_wait
         self._shards: dict[str, Shard] = {}
@@ -195,35 +204,46 @@ class RedisClients:
         self._watch: asyncio.Task[None] | None = None
         self.commands: Any
         self._common = common
-        if self.url.kind == "single":
-            self.commands = self._single(max_connections)
-        elif self.url.kind == "sentinel":
+        if self.url.kind == "sentinel":
             auth: dict[str, Any] = {"username": self.url.username, "password": self.url.password}
             self._sentinel = Sentinel(
                 list(self.url.hosts), sentinel_kwargs={"socket_connect_timeout": 2.0,
                                                        "socket_timeout": 2.0},
                 ssl=self.url.tls, **auth,
             )
-            self.commands = self._primary(max_connections)
-        else:
-            self.commands = _LimitedCluster(
-                startup_nodes=[ClusterNode(host, port) for host, port in self.url.hosts],
-                max_connections=max_connections, pool_wait=pool_wait,
-                username=self.url.username, password=self.url.password, ssl=self.url.tls,
-                require_full_coverage=True, **{k: v for k, v in common.items()
-                                               if k != "health_check_interval"},
-            )
+        self.commands = self._client(max_connections, common)
+        timeouts = {} if liveness_timeout is None else {
+            "socket_timeout": liveness_timeout,
+            "socket_connect_timeout": min(liveness_timeout,
+                                          common.get("socket_connect_timeout", liveness_timeout))}
+        self.liveness: Any = self._client(LIVENESS_CONNECTIONS, {**common, **timeouts})
 
-    def _single(self, max_connections: int) -> Redis:
+    def _client(self, max_connections: int, options: dict[str, Any]) -> Any:
+        """A command client of this topology: ``max_connections`` per primary, ``options``
+        for every connection."""
+        if self.url.kind == "single":
+            return self._single(max_connections, options)
+        if self.url.kind == "sentinel":
+            return self._primary(max_connections, options)
+        return _LimitedCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in self.url.hosts],
+            max_connections=max_connections, pool_wait=self._pool_wait,
+            username=self.url.username, password=self.url.password, ssl=self.url.tls,
+            require_full_coverage=True, **{k: v for k, v in options.items()
+                                           if k != "health_check_interval"},
+        )
+
+    def _single(self, max_connections: int, options: dict[str, Any] | None = None) -> Redis:
         return Redis.from_pool(BlockingConnectionPool.from_url(
-            self.url.url, max_connections=max_connections, timeout=self._pool_wait, **self._common))
+            self.url.url, max_connections=max_connections, timeout=self._pool_wait,
+            **(options or self._common)))
 
-    def _primary(self, max_connections: int) -> Redis:
+    def _primary(self, max_connections: int, options: dict[str, Any] | None = None) -> Redis:
         assert self._sentinel is not None
         return self._sentinel.master_for(
             self.url.service, connection_pool_class=_BlockingSentinelPool,
             max_connections=max_connections, timeout=self._pool_wait, db=self.url.db,
-            **self._common,
+            **(options or self._common),
         )
 
     @property
@@ -233,6 +253,7 @@ class RedisClients:
     async def start(self) -> None:
         if self.is_cluster:
             await self.commands.initialize()
+            await self.liveness.initialize()
         elif self._sentinel is not None and self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(
                 self._follow_primary(), name="redis sentinel announcements")
@@ -244,6 +265,7 @@ class RedisClients:
             with contextlib.suppress(Exception):
                 await shard.client.aclose()
         self._shards.clear()
+        await self.liveness.aclose()
         await self.commands.aclose()
 
     @contextlib.asynccontextmanager
@@ -310,6 +332,7 @@ class RedisClients:
         """Learn the cluster's current slots (after a failover or a resharding)."""
         if self.is_cluster:
             await self.commands.nodes_manager.initialize()
+            await self.liveness.nodes_manager.initialize()
 
     # -- sentinel failovers -------------------------------------------------------
 
@@ -391,9 +414,9 @@ class RedisClients:
             return
         log.warning("the sentinels name a new primary; reconnecting",
                     extra={"primary": f"{primary[0]}:{primary[1]}"})
-        pool = self.commands.connection_pool
-        await pool.update_active_connections_for_reconnect()
-        await pool.disconnect(inuse_connections=False)
+        for pool in (self.commands.connection_pool, self.liveness.connection_pool):
+            await pool.update_active_connections_for_reconnect()
+            await pool.disconnect(inuse_connections=False)
         for shard in list(self._shards.values()):
             # Its listener reconnects (through the sentinels) and reads every log again.
             await shard.client.connection_pool.disconnect()

@@ -8,6 +8,7 @@ from gateway.liveness import (
     BACKOFF_CAP,
     REAPED_RETRY,
     Heartbeat,
+    Link,
     claim_lifetime_ms,
     dead_peers,
     may_forget,
@@ -77,3 +78,16 @@ def test_a_claim_outlives_two_timeouts_and_at_least_ten_seconds() -> None:
     assert claim_lifetime_ms(1.0) == 10_000
     with pytest.raises(ValueError):
         Heartbeat(0)
+
+
+def test_a_link_is_current_only_while_answers_keep_coming_and_none_failed_since() -> None:
+    link = Link(3.0)
+    assert not link.current(100.0)  # never answered
+    link.answered(100.0)
+    assert link.current(102.9)
+    assert not link.current(103.0)  # silent for the whole window: cut off
+    link.answered(104.0)
+    link.failed()  # a round trip timed out: at once, not at the end of the window
+    assert not link.current(104.1)
+    link.answered(104.5)  # any answer (a request's, the next beat's) makes it current again
+    assert link.current(104.6)

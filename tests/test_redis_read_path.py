@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from gateway.broker import HistoryGone, tail
 from gateway.broker_redis import RedisBroker
 from gateway.presence import session_join, session_leave
+from gateway.redis_topology import LIVENESS_CONNECTIONS
 from protocol.envelope import EntryId, Envelope, EventId, WorkspaceKey
 from tests.redis_nodes import WS, actor, collect, real_time_clock
 
@@ -41,13 +42,14 @@ async def test_following_many_workspaces_holds_a_fixed_number_of_connections(
 
     readers = [asyncio.create_task(first(ws, start)) for ws, start in zip(workspaces, starts, strict=True)]
     await asyncio.sleep(0.5)
-    # 300 followed workspaces: the commands' pool (4) and one pub/sub connection, no more.
-    assert await _connections(raw) - before <= 4 + 1
+    # 300 followed workspaces: the commands' pool (4), one pub/sub connection and the
+    # node's reserved liveness connections, no more.
+    assert await _connections(raw) - before <= 4 + 1 + LIVENESS_CONNECTIONS
     sent = await asyncio.gather(*(broker.append(ws, "doc.updated", actor("svc"), {"n": n})
                                   for n, ws in enumerate(workspaces)))
     got = await asyncio.wait_for(asyncio.gather(*readers), 10)
     assert got == sent
-    assert await _connections(raw) - before <= 4 + 1
+    assert await _connections(raw) - before <= 4 + 1 + LIVENESS_CONNECTIONS
 
 
 async def test_following_and_dropping_never_waits_for_a_blocked_read(

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -598,17 +599,42 @@ class SentinelServers:
 class Endpoint:
     """A loopback address that stands for "the primary", as a DNS name or a virtual IP of a
     managed Redis does: each new connection goes to the server on ``target``; connections
-    already open stay with the server they reached (moving the address does not close them)."""
+    already open stay with the server they reached (moving the address does not close them).
 
-    def __init__(self, target: int) -> None:
+    It is also the link between a node and Redis, which a test can break the way networks
+    do: ``blackhole()`` cuts it like a cable (nothing is forwarded either way, nothing is
+    closed or reset; bytes and ends of stream are held, as TCP would retransmit them, and
+    new connections hang before they reach the server); ``slow(low, high)`` delays every
+    chunk, each direction on its own, by ``low`` to ``high`` seconds, keeping the order;
+    ``heal()`` makes it pass everything through again (what was held goes on, in order)."""
+
+    def __init__(self, target: int, *, seed: int = 0) -> None:
         self.target = target
         self.port = 0
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._delay: tuple[float, float] = (0.0, 0.0)
+        self._random = random.Random(seed)
+        self._closing = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def blackhole(self) -> None:
+        self._flowing.clear()
+
+    def slow(self, low: float, high: float) -> None:
+        if not 0 <= low <= high:
+            raise ValueError("0 <= low <= high")
+        self._delay = (low, high)
+        self._flowing.set()
+
+    def heal(self) -> None:
+        self._delay = (0.0, 0.0)
+        self._flowing.set()
 
     async def __aenter__(self) -> Endpoint:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -619,6 +645,8 @@ class Endpoint:
         if self._server is None:
             return
         self._server.close()
+        self._closing = True
+        self._flowing.set()  # connections waiting for the link give up
         for task in list(self._pipes):
             task.cancel()
         await asyncio.wait_for(asyncio.gather(*self._pipes, return_exceptions=True), 5)
@@ -629,21 +657,44 @@ class Endpoint:
         """(A deployment's stop: the servers behind it are stopped on their own.)"""
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()  # a cut cable: the connection attempt gets no answer
         try:
+            if self._closing:
+                raise ConnectionAbortedError
             upstream_reader, upstream_writer = await asyncio.wait_for(
                 asyncio.open_connection("127.0.0.1", self.target), 2)
         except (OSError, TimeoutError):
             writer.close()
             return
         for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
-            task = asyncio.create_task(self._pipe(source, sink))
-            self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
+            chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+            for pipe in (self._receive(source, chunks), self._forward(chunks, sink)):
+                pipe_task = asyncio.create_task(pipe)
+                self._pipes.add(pipe_task)
+                pipe_task.add_done_callback(self._pipes.discard)
 
-    @staticmethod
-    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _receive(self, source: asyncio.StreamReader,
+                       chunks: asyncio.Queue[tuple[float, bytes]]) -> None:
+        """Read what one side sends, each chunk stamped with when it may go on (b"": the end)."""
+        due = 0.0
         try:
             while data := await source.read(65536):
+                due = max(due, time.monotonic() + self._random.uniform(*self._delay))
+                chunks.put_nowait((due, data))
+        except OSError:
+            pass
+        chunks.put_nowait((max(due, time.monotonic() + self._random.uniform(*self._delay)), b""))
+
+    async def _forward(self, chunks: asyncio.Queue[tuple[float, bytes]],
+                       sink: asyncio.StreamWriter) -> None:
+        """Pass the chunks on in order, each once it is due and while the link is up."""
+        try:
+            while True:
+                due, data = await chunks.get()
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                await self._flowing.wait()
+                if not data:
+                    break
                 sink.write(data)
                 await sink.drain()
         except OSError:
