@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from gateway.liveness import (
@@ -11,6 +13,7 @@ from gateway.liveness import (
     claim_lifetime_ms,
     dead_peers,
     may_forget,
+    may_judge_peers,
 )
 
 
@@ -77,3 +80,12 @@ def test_a_claim_outlives_two_timeouts_and_at_least_ten_seconds() -> None:
     assert claim_lifetime_ms(1.0) == 10_000
     with pytest.raises(ValueError):
         Heartbeat(0)
+
+
+def test_peers_are_judged_only_while_beating_and_a_timeout_after_an_outage() -> None:
+    judge = functools.partial(may_judge_peers, node_timeout=3.0)
+    assert judge(beating=True, now=100.0, recovered_at=None)  # never cut off
+    assert not judge(beating=False, now=100.0, recovered_at=None)  # cut off now
+    # Back at 98: the peers' beats failed too, their keys may have expired; wait for them.
+    assert not judge(beating=True, now=100.0, recovered_at=98.0)
+    assert judge(beating=True, now=101.0, recovered_at=98.0)
