@@ -53,12 +53,13 @@ from typing import Any, Final
 
 import aiohttp
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from protocol.ws import SUBPROTOCOL_JSON
 from tests.multinode.conftest import Spawner
-from tests.multinode.harness import ORG, Node, RedisServer, auth, base, workspace_log_key
+from tests.multinode.harness import ORG, Node, RedisClusterServers, RedisServer, auth, base, workspace_log_key
 
 EVENT_TYPE: Final = "chaos.tick"
 BALLAST: Final = "chaos-ballast"  # a workspace with a long history of big events (see seed_ballast)
@@ -73,10 +74,16 @@ IDLE: Final = 2.5 * KEEPALIVE  # nothing read for this long: the node is gone (o
 SETTLE_SLACK: Final = 4.0  # heartbeat phase + a sweep + delivery, on a loaded 2-core machine
 RETRYABLE: Final = frozenset({409, 425, 429, 500, 502, 503, 504})
 INFRA_KINDS: Final = ("node_kill", "node_pause", "node_drain", "redis_restart", "redis_wipe",
-                       "redis_full")
+                       "redis_full", "cluster_failover")
 CLIENT_KINDS: Final = ("client_vanish", "client_stall")
 INFRA_WEIGHTS: Final = {"node_kill": 3, "node_pause": 3, "node_drain": 3, "redis_restart": 2,
-                        "redis_wipe": 1, "redis_full": 1}
+                        "redis_wipe": 1, "redis_full": 1, "cluster_failover": 3}
+# --topology: which fault kinds fit which Redis. A cluster (3 primaries, 3 replicas, no
+# persistence) is not restarted, wiped or filled as one server is; one server has no failover.
+TOPOLOGY_KINDS: Final = {
+    "single": frozenset(INFRA_KINDS) - {"cluster_failover"},
+    "cluster": frozenset(INFRA_KINDS) - {"redis_restart", "redis_wipe", "redis_full"},
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +106,7 @@ class Options:
     rss_cap_mb: float = 512.0
     rss_growth_mb: float = 96.0
     verbose: bool = False
+    topology: str = "single"  # "cluster": a Redis Cluster of 3 primaries with a replica each
 
 
 # -- event ids -------------------------------------------------------------------------------
@@ -623,8 +631,8 @@ def drop_connection(sock: Any) -> None:
 class World:
     """What clients and faults share: the processes, HTTP sessions, recorder and seed."""
 
-    def __init__(self, options: Options, spawner: Spawner, redis: RedisServer, nodes: list[Node],
-                 recorder: Recorder) -> None:
+    def __init__(self, options: Options, spawner: Spawner, redis: RedisServer | RedisClusterServers,
+                 nodes: list[Node], recorder: Recorder) -> None:
         self.options, self.spawner, self.redis, self.nodes = options, spawner, redis, nodes
         self.recorder = recorder
         self.workspaces = [f"chaos-{n}" for n in range(options.workspaces)]
@@ -1092,7 +1100,8 @@ class FaultPlan:
         self.options, self.node_names = options, list(node_names)
         self.infra = random.Random(f"{options.seed}:infra")
         self.clients = random.Random(f"{options.seed}:clients")
-        self.infra_kinds = [kind for kind in INFRA_KINDS if kind in options.faults]
+        self.infra_kinds = [kind for kind in INFRA_KINDS
+                            if kind in options.faults and kind in TOPOLOGY_KINDS[options.topology]]
         self.client_kinds = [kind for kind in CLIENT_KINDS if kind in options.faults]
         self.first_round = self.infra.sample(self.infra_kinds, len(self.infra_kinds))
 
@@ -1165,7 +1174,7 @@ class Faults:
         actions: dict[str, Callable[[PlannedFault], Awaitable[str]]] = {
             "node_kill": self.node_kill, "node_pause": self.node_pause, "node_drain": self.node_drain,
             "redis_restart": self.redis_restart, "redis_wipe": self.redis_wipe,
-            "redis_full": self.redis_full,
+            "redis_full": self.redis_full, "cluster_failover": self.cluster_failover,
         }
         while (fault := self.plan.next_infra()) is not None:
             await asyncio.sleep(fault.gap)
@@ -1243,6 +1252,7 @@ class Faults:
 
     async def redis_wipe(self, fault: PlannedFault) -> str:
         redis = self.world.redis
+        assert isinstance(redis, RedisServer)  # (a single-server fault: TOPOLOGY_KINDS)
         await asyncio.to_thread(redis.kill)
         shutil.rmtree(redis.dir / "appendonlydir", ignore_errors=True)
         for leftover in [*redis.dir.glob("*.rdb"), *redis.dir.glob("*.aof")]:
@@ -1263,6 +1273,33 @@ class Faults:
         finally:
             await client.aclose()
         return f"maxmemory {used - 1_000_000} (1 MB below used) for {fault.length:.1f}s"
+
+    async def cluster_failover(self, fault: PlannedFault) -> str:
+        """A random primary's slots move to its replica: every other time by SIGKILL (the
+        cluster fails it over after ``cluster-node-timeout``; it is restarted
+        ``fault.length`` later and rejoins as a replica), else by ``CLUSTER FAILOVER`` on
+        the replica (graceful, the old primary stays up as the replica)."""
+        cluster = self.world.redis
+        assert isinstance(cluster, RedisClusterServers)
+        rng = self.world.rng(f"cluster-{next(self.counter)}")
+        primary = rng.choice(sorted(set(cluster.slot_map().values())))
+        replica = cluster.replica_of(primary)
+        began = time.monotonic()
+        if sum(f.kind == "cluster_failover" for f in self.world.recorder.faults) % 2 == 0:
+            await asyncio.to_thread(cluster.kill, primary)
+            await asyncio.to_thread(cluster.wait_settled, 30)
+            settled = time.monotonic() - began
+            await asyncio.sleep(fault.length)
+            await asyncio.to_thread(cluster.restart, primary)
+            await asyncio.to_thread(cluster.wait_settled, 30)
+            return (f"SIGKILL primary {primary}, replica {replica} serving in {settled:.1f}s, "
+                    f"restarted {fault.length:.1f}s later")
+        await asyncio.to_thread(cluster.failover, replica)
+        for _ in range(300):  # the replica takes over once caught up: well within 30 s
+            if primary not in (await asyncio.to_thread(cluster.wait_settled, 30)).values():
+                break
+            await asyncio.sleep(0.1)
+        return f"CLUSTER FAILOVER on replica {replica} of {primary} in {time.monotonic() - began:.1f}s"
 
     async def vanish(self, fault: PlannedFault, index: int) -> None:
         """A client that joins, resumes from far back, reads ``fault.count`` events, stops
@@ -1564,10 +1601,17 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def checker_redis(world: World) -> Any:
+    """A client of the run's Redis for the checker's own reads (a cluster client on a cluster)."""
+    if isinstance(world.redis, RedisClusterServers):
+        return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", port) for port in world.redis.alive_ports()])
+    return Redis.from_url(world.redis.url)
+
+
 async def log_position(world: World, workspace: str) -> tuple[str | None, Pos | None]:
     """The log's epoch and last entry, straight from Redis."""
     stream, epoch_key = log_keys(workspace)
-    redis = Redis.from_url(world.redis.url)
+    redis = checker_redis(world)
     try:
         epoch = await redis.get(epoch_key)
         last = await redis.xrevrange(stream, count=1)
@@ -1582,7 +1626,7 @@ async def read_logs(world: World) -> tuple[dict[str, list[tuple[str, str, str]]]
     """Every entry of every workspace log (``(id, type, subject)``) and each log's epoch."""
     logs: dict[str, list[tuple[str, str, str]]] = {}
     epochs: dict[str, str | None] = {}
-    redis = Redis.from_url(world.redis.url)
+    redis = checker_redis(world)
     try:
         for workspace in world.workspaces:
             stream, epoch_key = log_keys(workspace)
@@ -1704,7 +1748,10 @@ async def run(options: Options, directory: Path | None = None) -> tuple[Report, 
     spawner = Spawner(directory)
     passed = False
     try:
-        redis = await asyncio.to_thread(spawner.redis, persist=True)
+        if options.topology == "cluster":
+            redis: RedisServer | RedisClusterServers = await asyncio.to_thread(spawner.redis_cluster, replicas=1)
+        else:
+            redis = await asyncio.to_thread(spawner.redis, persist=True)
         names = [f"node-{chr(ord('a') + n)}" for n in range(options.nodes)]
         nodes = await spawner.start(redis, *names, node_timeout=options.node_timeout,
                                     disconnect_grace=options.disconnect_grace, extra=node_flags(options))
@@ -1738,6 +1785,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--no-idempotency-key", dest="idempotency", action="store_false",
                         help="publishers send no key: retried publishes may duplicate (a self-test)")
     parser.add_argument("--verbose", action="store_true", help="print each fault as it ends")
+    parser.add_argument("--topology", choices=sorted(TOPOLOGY_KINDS), default=defaults.topology,
+                        help="single: one redis-server (AOF); cluster: 3 primaries + 3 replicas, where "
+                             "cluster_failover replaces the faults of one server (docs/chaos.md)")
     args = vars(parser.parse_args(argv))
     faults = tuple(kind for kind in args.pop("faults").split(",") if kind)
     unknown = set(faults) - set(INFRA_KINDS + CLIENT_KINDS)
