@@ -228,6 +228,7 @@ class Recorder:
         self.journals: dict[str, Journal] = {}
         self.rss: list[RssSample] = []
         self.violations: list[Violation] = []
+        self.losses: list[float] = []  # cluster failovers whose new primary lacked acknowledged events
         self.verbose = False
 
     def now(self) -> float:
@@ -246,7 +247,9 @@ class Recorder:
         self.violations.append(violation)
 
     def wipes(self) -> list[float]:
-        return [fault.start for fault in self.faults if fault.kind == "redis_wipe"]
+        """When Redis really lost history: each ``redis_wipe``, and each ``cluster_failover``
+        after which an acknowledged event was missing (``losses``)."""
+        return sorted([fault.start for fault in self.faults if fault.kind == "redis_wipe"] + self.losses)
 
     def head(self, workspace: str) -> str | None:
         """The newest acknowledged id of ``workspace``."""
@@ -1286,14 +1289,18 @@ class Faults:
         replica = cluster.replica_of(primary)
         began = time.monotonic()
         if sum(f.kind == "cluster_failover" for f in self.world.recorder.faults) % 2 == 0:
+            start = self.world.now()
             await asyncio.to_thread(cluster.kill, primary)
             await asyncio.to_thread(cluster.wait_settled, 30)
             settled = time.monotonic() - began
+            lost = await acknowledged_missing(self.world)
+            if lost:  # asynchronous replication: the replica had not got them
+                self.world.recorder.losses.append(start)
             await asyncio.sleep(fault.length)
             await asyncio.to_thread(cluster.restart, primary)
             await asyncio.to_thread(cluster.wait_settled, 30)
             return (f"SIGKILL primary {primary}, replica {replica} serving in {settled:.1f}s, "
-                    f"restarted {fault.length:.1f}s later")
+                    f"restarted {fault.length:.1f}s later; {len(lost)} acknowledged events missing")
         await asyncio.to_thread(cluster.failover, replica)
         for _ in range(300):  # the replica takes over once caught up: well within 30 s
             if primary not in (await asyncio.to_thread(cluster.wait_settled, 30)).values():
@@ -1606,6 +1613,13 @@ def checker_redis(world: World) -> Any:
     if isinstance(world.redis, RedisClusterServers):
         return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", port) for port in world.redis.alive_ports()])
     return Redis.from_url(world.redis.url)
+
+
+async def acknowledged_missing(world: World) -> list[str]:
+    """The acknowledged events the logs no longer hold (in their epoch, at their entry)."""
+    logs, _ = await read_logs(world)
+    held = {entry_id for entries in logs.values() for entry_id, _, _ in entries}
+    return [p.acked_id for p in world.recorder.publishes.values() if p.acked_id and p.acked_id not in held]
 
 
 async def log_position(world: World, workspace: str) -> tuple[str | None, Pos | None]:
