@@ -1291,7 +1291,7 @@ class Faults:
         if sum(f.kind == "cluster_failover" for f in self.world.recorder.faults) % 2 == 0:
             start = self.world.now()
             await asyncio.to_thread(cluster.kill, primary)
-            await asyncio.to_thread(cluster.wait_settled, 30)
+            await asyncio.to_thread(cluster.wait_replaced, primary, 30)
             settled = time.monotonic() - began
             lost = await acknowledged_missing(self.world)
             if lost:  # asynchronous replication: the replica had not got them
@@ -1302,10 +1302,7 @@ class Faults:
             return (f"SIGKILL primary {primary}, replica {replica} serving in {settled:.1f}s, "
                     f"restarted {fault.length:.1f}s later; {len(lost)} acknowledged events missing")
         await asyncio.to_thread(cluster.failover, replica)
-        for _ in range(300):  # the replica takes over once caught up: well within 30 s
-            if primary not in (await asyncio.to_thread(cluster.wait_settled, 30)).values():
-                break
-            await asyncio.sleep(0.1)
+        await asyncio.to_thread(cluster.wait_replaced, primary, 30)
         return f"CLUSTER FAILOVER on replica {replica} of {primary} in {time.monotonic() - began:.1f}s"
 
     async def vanish(self, fault: PlannedFault, index: int) -> None:

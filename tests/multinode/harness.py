@@ -391,6 +391,13 @@ class RedisClusterServers:
         _wait_until(self._settled, timeout, "cluster slot map settled", self.logs)
         return self.slot_map()
 
+    def wait_replaced(self, primary: int, timeout: float = 20.0) -> dict[tuple[int, int], int]:
+        """Until the slot map has settled with ``primary`` serving no slot (its replica took
+        them over: after ``kill`` or ``failover``); that slot map."""
+        _wait_until(lambda: self._settled() and primary not in self.slot_map().values(), timeout,
+                    f"the slots of {primary} served by another primary", self.logs)
+        return self.slot_map()
+
     def node_id(self, port: int) -> str:
         return redis_cli(port, "cluster", "myid")
 
