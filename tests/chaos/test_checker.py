@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from bench.chaos import (
     EVENT_TYPE,
+    Crash,
     End,
     Entry,
     Fault,
@@ -30,11 +31,11 @@ def ack(recorder: Recorder, key: str, id_: str, t: float = 1.0) -> None:
 
 
 def deliveries(recorder: Recorder, client: str, *items: tuple[str, str] | tuple[str, str, str],
-               role: str = "regular", since: str = "") -> None:
-    """``items``: ``(type, id)`` or ``(type, id, subject)``, delivered at t = 1, 2, ..."""
+               role: str = "regular", since: str = "", start: int = 1) -> None:
+    """``items``: ``(type, id)`` or ``(type, id, subject)``, delivered at t = start, start + 1, ..."""
     journal = recorder.journal(client, role, "sse", (WS,))
-    journal.add(Entry(0.5, "connect", WS, since, note="node-a"))
-    for t, item in enumerate(items, start=1):
+    journal.add(Entry(start - 0.5, "connect", WS, since, note="node-a"))
+    for t, item in enumerate(items, start=start):
         type_, id_, *subject = item
         journal.add(Entry(float(t), "event", WS, id_, type_, subject[0] if subject else ""))
 
@@ -117,6 +118,45 @@ def test_a_reset_after_data_loss_excuses_what_was_lost_but_not_more() -> None:
     # Still in the lost epoch at the end: no reset reached it.
     deliveries(recorder, "c", ("sync.snapshot", "E1:0-0"), (EVENT_TYPE, "E1:1-0"))
     assert kinds(recorder, ends, logs) == ["stale_epoch"]
+
+
+def test_a_host_crash_excuses_the_events_it_took_and_the_resets_it_caused_nothing_else() -> None:
+    """``redis_crash``: the log kept E1 up to 1-0; 2-0 and 3-0 (acknowledged, delivered to
+    one client) were lost; the nodes gave the log epoch E2."""
+    recorder = Recorder()
+    for n in (1, 2, 3):
+        ack(recorder, f"k{n}", f"E1:{n}-0")
+    ack(recorder, "k4", "E2:9-0", t=8.0)
+    recorder.crashes.append(Crash(4.5, {WS: ("E1", (1, 0))}))
+    ends = {WS: End(20, "E2", Pos.parse("E2:9-0"))}
+    logs = {WS: [("E2:1-0", EVENT_TYPE, "k1"), ("E2:9-0", EVENT_TYPE, "k4")]}
+    deliveries(recorder, "saw", ("sync.snapshot", "E1:0-0"), *[(EVENT_TYPE, f"E1:{n}-0") for n in (1, 2, 3)],
+               ("sync.reset", "E2:1-0"), ("sync.snapshot", "E2:1-0"), (EVENT_TYPE, "E2:9-0"))
+    # Got only what survived: the lost events are owed to nobody.
+    deliveries(recorder, "slow", ("sync.snapshot", "E1:0-0"), (EVENT_TYPE, "E1:1-0"),
+               ("sync.reset", "E2:1-0"), ("sync.snapshot", "E2:1-0"), (EVENT_TYPE, "E2:9-0"), start=3)
+    assert kinds(recorder, ends, logs) == []
+    # Reading on in E1 past a lost event, with an event appended after the restart.
+    ack(recorder, "k5", "E1:5-0", t=8.0)
+    deliveries(recorder, "past", ("sync.snapshot", "E1:0-0"), *[(EVENT_TYPE, f"E1:{n}-0") for n in (1, 2, 3)],
+               (EVENT_TYPE, "E1:5-0"), ("sync.reset", "E2:5-0"), ("sync.snapshot", "E2:5-0"),
+               (EVENT_TYPE, "E2:9-0"))
+    assert kinds(recorder, ends, logs) == ["read_past_loss"]
+
+
+def test_a_host_crash_that_lost_nothing_owes_nobody_a_reset() -> None:
+    recorder = Recorder()
+    for n in (1, 2):
+        ack(recorder, f"k{n}", f"E1:{n}-0")
+    recorder.crashes.append(Crash(4.5, {WS: ("E1", (2, 0))}))
+    deliveries(recorder, "c", ("sync.snapshot", "E1:0-0"), (EVENT_TYPE, "E1:1-0"), (EVENT_TYPE, "E1:2-0"),
+               ("sync.reset", "E1:2-0"), ("sync.snapshot", "E1:2-0"))
+    assert kinds(recorder, {WS: End(20, "E1", Pos.parse("E1:2-0"))}) == ["reset_without_loss"]
+    # An acknowledged event it did take is counted, not flagged, even if no node noticed.
+    ack(recorder, "k3", "E1:3-0")
+    recorder.journals.clear()
+    assert kinds(recorder, {WS: End(20, "E1", Pos.parse("E1:2-0"))},
+                 {WS: [("E1:1-0", EVENT_TYPE, "k1"), ("E1:2-0", EVENT_TYPE, "k2")]}) == []
 
 
 def test_a_reset_to_a_stale_snapshot_of_the_lost_epoch_is_owed_too() -> None:

@@ -45,8 +45,9 @@ class Spawner:
         self.servers: list[Deployment] = []
         self.nodes: list[Node] = []
 
-    def redis(self, *, persist: bool = False) -> RedisServer:
-        server = RedisServer(self.directory / f"redis-{len(self.servers)}", persist=persist)
+    def redis(self, *, persist: bool = False, fsync: str = "always") -> RedisServer:
+        server = RedisServer(self.directory / f"redis-{len(self.servers)}", persist=persist,
+                             fsync=fsync)
         self.servers.append(server)
         server.start()
         return server

@@ -55,13 +55,14 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 class RedisServer:
     """A private redis-server on a free port; ``persist`` keeps data across a kill (AOF,
-    fsync always), otherwise a restart comes back empty."""
+    ``appendfsync`` ``fsync``: ``always`` by default), otherwise a restart comes back empty."""
 
-    def __init__(self, directory: Path, *, persist: bool) -> None:
+    def __init__(self, directory: Path, *, persist: bool, fsync: str = "always") -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.persist = persist
+        self.fsync = fsync
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -72,7 +73,7 @@ class RedisServer:
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"),
                 "--daemonize", "no"]
-        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else [
+        args += ["--appendonly", "yes", "--appendfsync", self.fsync] if self.persist else [
             "--appendonly", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -92,6 +93,53 @@ class RedisServer:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
         self.proc = None
+
+    def aof_tail(self) -> tuple[Path, int] | None:
+        """The AOF file Redis appends to now, and its size: what a host crash would keep if
+        the OS had flushed the file up to here (``appendfsync everysec`` flushes once a
+        second). ``None`` without an AOF."""
+        manifest = self.dir / "appendonlydir" / "appendonly.aof.manifest"
+        if not manifest.exists():
+            return None
+        increments = [line.split()[1] for line in manifest.read_text().splitlines()
+                      if line.split()[-1:] == ["i"]]
+        if not increments:
+            return None
+        path = manifest.parent / increments[-1]
+        return path, path.stat().st_size
+
+    def crash_host(self, synced: tuple[Path, int] | None) -> int:
+        """What a power loss does to a Redis with ``appendfsync everysec``: SIGKILL, and the
+        AOF loses what was written after the last fsync (``synced``, from ``aof_tail``; the
+        file may end mid-command, which Redis loads with ``aof-load-truncated``). Bytes lost."""
+        self.kill()
+        now = self.aof_tail()
+        if synced is None or now is None or now[0] != synced[0]:
+            return 0  # no AOF, or it was rewritten meanwhile: nothing to cut honestly
+        with synced[0].open("r+b") as aof:
+            aof.truncate(synced[1])
+        return now[1] - synced[1]
+
+    def read_offline(self, *commands: Sequence[str]) -> list[Any]:
+        """Each command's answer (JSON-decoded) from the data as it is on disk now, read by a
+        redis-server of its own on a unix socket, so that nothing connected to ``port``
+        (a gateway node) sees or changes it first. The server must be down."""
+        assert self.proc is None, "read_offline() reads a stopped server's files"
+        sock = self.dir / "offline.sock"
+        args = ["redis-server", "--port", "0", "--unixsocket", str(sock), "--dir", str(self.dir),
+                "--save", "", "--appendonly", "yes" if self.persist else "no",
+                "--logfile", str(self.dir / "offline.log"), "--daemonize", "no"]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cli = ["redis-cli", "-s", str(sock)]
+        try:
+            _wait_until(lambda: subprocess.run([*cli, "ping"], capture_output=True, timeout=5,
+                                               check=False).stdout.startswith(b"PONG"),
+                        10, "offline redis-server up", lambda: _tail(self.dir / "offline.log"))
+            return [json.loads(subprocess.run([*cli, "--json", *command], capture_output=True, timeout=5,
+                                              check=True).stdout or b"null")
+                    for command in commands]
+        finally:
+            _stop_process(proc)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
