@@ -1714,14 +1714,16 @@ def checker_redis(world: World) -> Any:
 async def failover_losses(world: World, t: float) -> list[tuple[str, Loss]]:
     """What a cluster failover at ``t`` lost (replication is asynchronous): per workspace and
     epoch, the events somebody had seen (acknowledged or delivered) whose entries the logs,
-    read now from the new primaries, no longer hold. Owed to nobody; resets for them owed."""
-    logs, _ = await read_logs(world)
-    held = {workspace: {entry_id.partition(":")[2] for entry_id, _, _ in entries}
-            for workspace, entries in logs.items()}
+    read now from the new primaries, no longer hold. Owed to nobody; resets for them owed.
+    (What was seen is taken before the logs are read: an event appended meanwhile is in the
+    log but may not be seen yet, never the other way round.)"""
     seen: set[tuple[str, str]] = {(p.workspace, p.acked_id) for p in world.recorder.publishes.values()
                                   if p.acked_id}
     seen |= {(entry.workspace, entry.id) for journal in world.recorder.journals.values()
              for entry in journal.entries if entry.kind == "event" and not entry.type.startswith("sync.")}
+    logs, _ = await read_logs(world)
+    held = {workspace: {entry_id.partition(":")[2] for entry_id, _, _ in entries}
+            for workspace, entries in logs.items()}
     lost: dict[tuple[str, str], set[str]] = defaultdict(set)
     for workspace, event_id in seen:
         epoch, _, entry = event_id.partition(":")
