@@ -1828,8 +1828,10 @@ def render(report: Report, recorder: Recorder) -> str:
         f"{report.log_events} in the final logs; deliveries checked {report.tally.deliveries}, "
         f"(event, client) pairs verified {report.tally.verified}; sync.reset {report.tally.resets} "
         f"(justified by data loss {report.tally.justified_resets})",
-        f"host crashes of Redis: {kinds['redis_crash']}, taking {report.crash_lost} events somebody had seen "
-        f"({report.crash_lost_acked} acknowledged publishes: lost by appendfsync everysec's design)",
+        f"host crashes of Redis: {kinds['redis_crash']}, cluster primaries killed: "
+        f"{sum(f.kind == 'cluster_failover' and f.detail.startswith('SIGKILL') for f in recorder.faults)}; "
+        f"taking {report.crash_lost} events somebody had seen ({report.crash_lost_acked} acknowledged "
+        f"publishes: lost by appendfsync everysec's or asynchronous replication's design)",
         f"clients: {sum(j.role == 'regular' for j in recorder.journals.values())} regular, "
         f"{sum(j.role == 'transient' for j in recorder.journals.values())} far-back stallers, "
         f"{sum(j.role == 'vanish' for j in recorder.journals.values())} vanished; "
