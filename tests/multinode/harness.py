@@ -284,8 +284,8 @@ class RedisClusterServers:
     default) as the topology tests use it; with ``replicas=1`` each primary gets a replica
     and ``cluster-node-timeout`` is 1 s, so a primary SIGKILLed is replaced in ~2-3 s.
     ``ports`` are the primaries as created (``all_ports`` adds the replicas); ``kill``,
-    ``restart``, ``failover``, ``wait_settled`` and ``reshard`` are what an operator (or a
-    crash) does to it."""
+    ``restart``, ``failover`` and ``reshard`` are what an operator (or a crash) does to it,
+    ``wait_settled`` and ``wait_replaced`` wait for the cluster to agree on its new slot map."""
 
     size = 3
 
