@@ -382,11 +382,7 @@ class RedisClusterServers:
 
     def slot_owner_port(self, key: str) -> int:
         """Port of the primary that serves ``key``'s slot."""
-        slot = key_slot(key)
-        for (low, high), port in self.slot_map().items():
-            if low <= slot <= high:
-                return port
-        raise RuntimeError(f"no node serves slot {slot} of {key!r}")
+        return self.slot_owner_port_of(key_slot(key))
 
     def replica_of(self, primary: int) -> int:
         """The port of the (alive) replica of the primary on ``primary``."""
@@ -449,19 +445,55 @@ class RedisClusterServers:
     def node_id(self, port: int) -> str:
         return redis_cli(port, "cluster", "myid")
 
-    def reshard(self, source: int, target: int, slots: int, timeout: float = 60.0) -> str:
+    def reshard(self, source: int, target: int, slots: int, *, pipeline: int = 10,
+                timeout: float = 60.0) -> str:
         """Move the ``slots`` lowest slots of the primary on ``source`` to the one on
-        ``target``, keys included, as an operator does (``redis-cli --cluster reshard``);
-        its output."""
+        ``target``, keys included, as an operator does (``redis-cli --cluster reshard``,
+        ``pipeline`` keys per ``MIGRATE``: fewer make the migration last longer); its output."""
         result = subprocess.run(
             ["redis-cli", "--cluster", "reshard", f"127.0.0.1:{source}",
              "--cluster-from", self.node_id(source), "--cluster-to", self.node_id(target),
-             "--cluster-slots", str(slots), "--cluster-yes"],
+             "--cluster-slots", str(slots), "--cluster-pipeline", str(pipeline), "--cluster-yes"],
             capture_output=True, text=True, timeout=timeout,
         )
         if result.returncode != 0 or "[ERR]" in result.stdout:
             raise RuntimeError(f"redis-cli --cluster reshard failed:\n{result.stdout}\n{result.stderr}")
         return result.stdout
+
+    def migrate_slot(self, slot: int, target: int, *, halfway: float, timeout: float = 30.0) -> int:
+        """Move ``slot`` to the primary on ``target`` step by step, as ``redis-cli --cluster
+        reshard`` does (``SETSLOT IMPORTING/MIGRATING``, ``MIGRATE``, ``SETSLOT NODE``), but
+        with half of its keys moved and the other half not for ``halfway`` seconds: commands
+        on keys of both halves are answered ``TRYAGAIN`` (or ``ASK``) meanwhile. The number
+        of keys moved."""
+        source = self.slot_owner_port_of(slot)
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        redis_cli(target, "cluster", "setslot", str(slot), "importing", source_id)
+        redis_cli(source, "cluster", "setslot", str(slot), "migrating", target_id)
+        keys = redis_cli(source, "cluster", "getkeysinslot", str(slot), "1000").split()
+        moved = self._migrate(source, target, keys[:len(keys) // 2])
+        time.sleep(halfway)
+        deadline = time.monotonic() + timeout
+        while keys := redis_cli(source, "cluster", "getkeysinslot", str(slot), "1000").split():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"slot {slot} still has keys on {source}")
+            moved += self._migrate(source, target, keys)
+        for port in set(self.slot_map().values()) | {target}:
+            redis_cli(port, "cluster", "setslot", str(slot), "node", target_id)
+        return moved
+
+    @staticmethod
+    def _migrate(source: int, target: int, keys: list[str]) -> int:
+        if keys:
+            redis_cli(source, "migrate", "127.0.0.1", str(target), "", "0", "5000", "keys", *keys)
+        return len(keys)
+
+    def slot_owner_port_of(self, slot: int) -> int:
+        """Port of the primary that serves ``slot``."""
+        for (low, high), port in self.slot_map().items():
+            if low <= slot <= high:
+                return port
+        raise RuntimeError(f"no node serves slot {slot}")
 
     def workspaces_on_every_shard(self, prefix: str = "gw", org: str = ORG,
                                   n_per_shard: int = 1) -> list[str]:

@@ -6,7 +6,10 @@ while the cluster changes under them as it does in production (issue 20 item 5):
   the old primary is restarted and rejoins as a replica;
 * ``failover`` — ``CLUSTER FAILOVER`` on that primary's replica (graceful: nothing lost);
 * ``reshard`` — ``redis-cli --cluster reshard`` moves a followed workspace's slot, keys
-  included, to another primary while it is being published to.
+  included, to another primary while it is being published to;
+* ``migrate`` — the same by hand, stopped for ``HALFWAY`` with half of the workspace's keys
+  moved: its scripts are answered ``TRYAGAIN`` meanwhile, which must be a 503 (and redis-py's
+  retries of it, "TTL exhausted"), never a 500.
 
 Publishers are idempotent (one ``Idempotency-Key`` per event) and retry on 503 and
 timeouts only, as a client following the API reference does: any other refusal is a
@@ -206,12 +209,14 @@ async def graceful_failover(cluster: RedisClusterServers, primary: int) -> float
     return time.monotonic()
 
 
-FAULTS = ["kill", "failover", "reshard"]
+FAULTS = ["kill", "failover", "reshard", "migrate"]
+HALFWAY = 1.5  # "migrate": the workspace's keys are split between two primaries this long
 
 
 async def apply(fault: str, cluster: RedisClusterServers, primary: int, workspace: str) -> float:
     """Make ``fault`` happen: to the primary on ``primary`` (kill, failover) or to the slot
-    of ``workspace`` (reshard: to the next primary). When the cluster settled (monotonic)."""
+    of ``workspace`` (reshard, migrate: to another primary). When the cluster settled
+    (monotonic)."""
     if fault == "kill":
         return await kill_and_rejoin(cluster, primary)
     if fault == "failover":
@@ -219,10 +224,25 @@ async def apply(fault: str, cluster: RedisClusterServers, primary: int, workspac
     log_key = workspace_log_key(workspace)
     source = cluster.slot_owner_port(log_key)
     target = next(port for port in cluster.ports if port != source)
+    if fault == "migrate":
+        moved = await asyncio.to_thread(functools.partial(
+            cluster.migrate_slot, key_slot(log_key), target, halfway=HALFWAY))
+        print(f"migrate: {moved} keys moved, half of them {HALFWAY}s before the others")
+        await asyncio.to_thread(cluster.wait_settled, SETTLE)
+        assert cluster.slot_owner_port(log_key) == target
+        return time.monotonic()
     low = next(low for low, high in cluster.slot_map() if low <= key_slot(log_key) <= high)
-    await asyncio.to_thread(cluster.reshard, source, target, key_slot(log_key) - low + 1)
+    # One key per MIGRATE: the workspace's keys (its log, epoch, presence records and one
+    # idempotency key per publish) move one by one while it is published to.
+    keys = redis_cli(source, "cluster", "countkeysinslot", str(key_slot(log_key)))
+    print(f"reshard: moving {key_slot(log_key) - low + 1} slots, {keys} keys in the workspace's")
+    await asyncio.to_thread(functools.partial(cluster.reshard, source, target,
+                                              key_slot(log_key) - low + 1, pipeline=1))
     await asyncio.to_thread(cluster.wait_settled, SETTLE)
     assert cluster.slot_owner_port(log_key) == target
+    redirects = [line for port in (source, target) for line in redis_cli(port, "info", "errorstats").splitlines()
+                 if line.startswith(("errorstat_ASK", "errorstat_TRYAGAIN", "errorstat_MOVED"))]
+    print(f"reshard: redirections answered {redirects}")
     return time.monotonic()
 
 
@@ -256,11 +276,12 @@ async def check_delivery(cluster: RedisClusterServers, streams: list[Stream],
     and no stream saw a connected user leave (no node was reaped by mistake)."""
     for stream in streams:
         assert not stream.ended, f"{stream.node.name}/{stream.workspace} stream ended"
-    for publisher in publishers:
-        epoch, log = primary_log(cluster, publisher.workspace)
-        for stream in (s for s in streams if s.workspace == publisher.workspace):
+    for workspace in sorted({publisher.workspace for publisher in publishers}):
+        epoch, log = primary_log(cluster, workspace)
+        accepted = [event_id for p in publishers if p.workspace == workspace for event_id in p.accepted]
+        for stream in (s for s in streams if s.workspace == workspace):
             await stream.wait_for(functools.partial(_has_event, log[-1]), CATCH_UP)
-            check_stream(stream, epoch, log, publisher.accepted)
+            check_stream(stream, epoch, log, accepted)
             flicker = [user for kind, user in stream.presence() if kind == "presence.left" and user != "u-gone"]
             assert not flicker, f"{stream.node.name}/{stream.workspace}: {flicker} left"
 
@@ -287,7 +308,8 @@ async def test_cluster_failover_and_resharding_under_load_lose_nothing_and_never
         for ws in workspaces:
             await eventually(functools.partial(_members_are, session, node, ["u-a", "u-b", "u-gone"], ws), 5)
 
-    publishers = [Publisher(session, (a, b), ws) for ws in workspaces]
+    # The second workspace (resharded) gets three publishers: more writes racing the migration.
+    publishers = [Publisher(session, (a, b), ws) for ws in [*workspaces, workspaces[1], workspaces[1]]]
     tasks = [asyncio.create_task(publisher.run()) for publisher in publishers]
     try:
         await eventually(lambda: _all_accepted(publishers, 5), 10, what="publishing before the fault")
