@@ -148,6 +148,7 @@ class TokenVerifier:
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._leeway = settings.jwt_leeway
+        self._max_lifetime = settings.jwt_max_lifetime
         self._now = clock_now
         # A client sends the same token with every request (a publishing service, many a
         # second): its signature and claims are checked once, its times at every use.
@@ -165,11 +166,11 @@ class TokenVerifier:
             if len(self._verified) >= VERIFIED_CACHE:
                 del self._verified[next(iter(self._verified))]
         self._verified[key] = verified
-        identity, nbf = verified
+        identity, valid_from = verified
         now = self._now()
         if now > identity.expires_at + self._leeway:
             raise authentication_failed("token expired")
-        if nbf is not None and (not isinstance(nbf, (int, float)) or now + self._leeway < nbf):
+        if valid_from is not None and now + self._leeway < valid_from:
             raise authentication_failed("token not yet valid")
         return identity
 
@@ -200,7 +201,24 @@ class TokenVerifier:
             raise authentication_failed("invalid token") from exc
         if not isinstance(claims.get("exp"), (int, float)):
             raise authentication_failed("token expired")
-        return identity_from_claims(claims), claims.get("nbf")
+        return identity_from_claims(claims), self._valid_from(claims)
+
+    def _valid_from(self, claims: dict[str, Any]) -> float | None:
+        """When the token starts to be valid: its ``nbf``, and with a lifetime ceiling its
+        ``iat`` as well (required then: a careless issuer's 10-year ``exp``, or an ``iat``
+        moved into the future to stretch it, is refused rather than trusted for years)."""
+        nbf, iat = claims.get("nbf"), claims.get("iat")
+        times = [nbf] if nbf is not None else []
+        if self._max_lifetime > 0:
+            if iat is None:
+                raise authentication_failed("iat required")
+            times.append(iat)
+        if not all(isinstance(value, (int, float)) and not isinstance(value, bool)
+                   for value in times):
+            raise authentication_failed("invalid claims")
+        if self._max_lifetime > 0 and claims["exp"] - iat > self._max_lifetime:
+            raise authentication_failed("token lifetime too long")
+        return max(times, default=None)
 
 
 def bearer_token(header: str | None) -> str:

@@ -139,6 +139,11 @@ def serve(settings: Settings, *, dev: bool = False) -> int:
                                       extra={"url": f"http://{settings.host}:{settings.port}"}),
             # Room for sockets to answer their close frame before the backend closes.
             shutdown_timeout=max(5.0, settings.ws_close_timeout + 2.0), handle_signals=True,
+            # aiohttp's keep-alive timer runs from a connection's start and from each answer,
+            # and closes it if no whole request head arrived by then: a client trickling its
+            # headers (slowloris) holds its socket that long, never a handler. Streams and
+            # sockets in progress are requests being answered: never cut by it.
+            keepalive_timeout=settings.header_timeout,
         )
     except BackendRefused as exc:  # e.g. a Redis that may evict the gateway's keys
         print(f"serve: {exc}", file=sys.stderr)

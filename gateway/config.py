@@ -61,7 +61,10 @@ class Settings:
     jwt_issuer: str | None = field(default=None, metadata=_meaning(
         "the `iss` claim every client JWT must carry", "unset (not checked)"))
     jwt_leeway: float = field(default=10.0, metadata=_meaning(
-        "seconds of clock skew tolerated on a JWT's exp and nbf"))
+        "seconds of clock skew tolerated on a JWT's exp, nbf and iat"))
+    jwt_max_lifetime: float = field(default=86_400.0, metadata=_meaning(
+        "longest a client JWT may be valid, in seconds: exp - iat (iat is then required, and "
+        "may not be in the future); longer ones are refused with 401; 0: no ceiling"))
     allowed_origins: tuple[str, ...] = field(default=(), metadata=_meaning(
         "comma-separated browser origins (scheme://host[:port]) whose pages may open a "
         "WebSocket and read REST/SSE answers (CORS); exact matches only",
@@ -102,6 +105,9 @@ class Settings:
         "WebSocket messages a connection may send at once (the token bucket's size)"))
     ws_rate_strikes: int = field(default=10, metadata=_meaning(
         "rejected WebSocket messages tolerated before close 1008"))
+    header_timeout: float = field(default=15.0, metadata=_meaning(
+        "seconds a connection has to send a whole request head (line and headers), at its "
+        "start and between keep-alive requests; then it is closed (slowloris)"))
     ws_auth_timeout: float = field(default=5.0, metadata=_meaning(
         "seconds a new WebSocket has to authenticate"))
     ws_max_subscriptions: int = field(default=100, metadata=_meaning(
@@ -135,7 +141,7 @@ class Settings:
             raise ValueError(f"{self.jwt_algorithm} takes --jwt-public-key-file, not a secret")
         for name in ("presence_ttl", "disconnect_grace", "node_timeout", "keepalive",
                      "ticket_ttl", "sweep_interval", "history_max_age", "idempotency_ttl", "ws_rate_limit",
-                     "ws_auth_timeout", "ws_close_timeout"):
+                     "ws_auth_timeout", "ws_close_timeout", "header_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.shutdown_delay < 0:

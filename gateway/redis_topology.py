@@ -29,7 +29,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.tasks import Backoff, raise_if_cancelled, stop
 
@@ -40,6 +40,7 @@ SCHEMES: Final = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", 
 DEFAULT_PORT: Final = 6379
 DEFAULT_SENTINEL_PORT: Final = 26379
 SWITCH_CHANNEL: Final = "+switch-master"  # what sentinels publish when they name a new primary
+REPLICA_CHECK: Final = 2.0  # how often a node asks the sentinel whether a replica is in sync
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,13 @@ def _names(announcement: bytes | str, service: str) -> bool:
     port>``) is about ``service``."""
     text = announcement.decode(errors="replace") if isinstance(announcement, bytes) else announcement
     return text.split(" ", 1)[0] == service
+
+
+def _in_sync(replica: dict[str, Any]) -> bool:
+    """Whether a sentinel's view of a replica (``SENTINEL REPLICAS``) says it could take over
+    with the primary's data: up, and its replication link established."""
+    down = replica.get("is_sdown") or replica.get("is_odown") or replica.get("is_disconnected")
+    return not down and replica.get("master-link-status") == "ok"
 
 
 def _host_port(item: str, default_port: int) -> tuple[str, int]:
@@ -183,13 +191,14 @@ class RedisClients:
         self._shards: dict[str, Shard] = {}
         self._sentinel: Sentinel | None = None
         self._named: tuple[str, int] | None = None  # the primary the sentinels named last
+        self._replica_in_sync: bool | None = None  # what the sentinels said last (None: not asked)
         self._watch: asyncio.Task[None] | None = None
         self.commands: Any
         self._common = common
         if self.url.kind == "single":
             self.commands = self._single(max_connections)
         elif self.url.kind == "sentinel":
-            auth = {"username": self.url.username, "password": self.url.password}
+            auth: dict[str, Any] = {"username": self.url.username, "password": self.url.password}
             self._sentinel = Sentinel(
                 list(self.url.hosts), sentinel_kwargs={"socket_connect_timeout": 2.0,
                                                        "socket_timeout": 2.0},
@@ -302,10 +311,12 @@ class RedisClients:
         up to 10 s later — and throws them away when it resyncs from the new one. So this
         listens to the sentinel that discovery asks first (``+switch-master``) and, when the
         primary it names changes, reconnects everything: idle command connections at once,
-        busy ones when their command is done, the notification connections at once."""
+        busy ones when their command is done, the notification connections at once. Every
+        ``REPLICA_CHECK`` it also asks whether a replica could take over (``_check_replicas``)."""
         assert self._sentinel is not None
         sentinels = self._sentinel.sentinels
         backoff = Backoff(0.1, 2.0)
+        loop = asyncio.get_running_loop()
         while True:
             sentinel = sentinels[0]
             pubsub = sentinel.pubsub()
@@ -314,7 +325,11 @@ class RedisClients:
                 await self._check_primary()  # a switch made while nobody listened
                 if backoff.recovered():
                     log.info("listening to the sentinels again")
+                checked = -REPLICA_CHECK
                 while sentinel is sentinels[0]:  # else discovery asks another one first now
+                    if loop.time() - checked >= REPLICA_CHECK:
+                        checked = loop.time()
+                        await self._check_replicas(sentinel)
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     raise_if_cancelled()
                     if message is not None and _names(message["data"], self.url.service):
@@ -330,6 +345,32 @@ class RedisClients:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+    async def _check_replicas(self, sentinel: Redis) -> None:
+        """Warn while the sentinels know no replica in sync with the primary, and say when one
+        is again (each change once).
+
+        Meanwhile the primary's death cannot be failed over: the sentinels have no replica
+        to promote (writes answer 503 until the primary is back), or promote one without the
+        data (every log is lost: every stream gets ``sync.reset``). A deployment started all
+        at once is in that state for its first seconds: a sentinel learns of replicas from
+        the primary's INFO, every 10 s, and Redis 7.0 starts a new replica's first sync 5 s
+        after it connects (``repl-diskless-sync-delay``). A failed question is no answer (the
+        subscription's own failures restart it)."""
+        try:
+            replicas = await sentinel.sentinel_slaves(self.url.service)
+        except RedisError:
+            return
+        in_sync = any(_in_sync(replica) for replica in replicas)
+        previous, self._replica_in_sync = self._replica_in_sync, in_sync
+        if in_sync == previous or (in_sync and previous is None):
+            return
+        if in_sync:
+            log.info("the sentinels know a replica in sync with the primary again")
+        else:
+            log.warning("the sentinels know no replica in sync with the primary: if it fails now, "
+                        "writes answer 503 until it is back, or a replica without its data is "
+                        "promoted (every stream resets)", extra={"replicas": len(replicas)})
 
     async def _check_primary(self) -> None:
         assert self._sentinel is not None

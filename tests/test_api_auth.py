@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.conftest import BASE, ORG, SECRET, WORKSPACE, auth
 from tests.sse_client import SSEReader
+from tests.wsclient import connect
 
 JOIN = f"{BASE}/presence/join"
 
@@ -140,6 +141,51 @@ async def test_token_without_exp_is_refused(client, clock):
 async def test_not_yet_valid_token_is_refused(client, clock):
     token = jwt.encode(claims(clock, nbf=int(clock.now()) + 600), SECRET, algorithm="HS256")
     assert await status_with(client, token) == 401
+
+
+TEN_YEARS = 10 * 365 * 86_400
+
+
+async def test_a_token_that_claims_to_live_longer_than_the_ceiling_is_refused_everywhere(client, clock):
+    """A careless issuer's 10-year token: refused on REST, the stream and WebSocket auth."""
+    now = int(clock.now())
+    token = jwt.encode(claims(clock, exp=now + TEN_YEARS), SECRET, algorithm="HS256")
+    response = await client.post(JOIN, headers=auth(token))
+    assert response.status == 401
+    body = await response.json()
+    assert (body["error"], body["message"], body["status_code"]) == (
+        "AUTHENTICATION_FAILED", "Authentication required", 401)
+    assert "lifetime too long" in response.headers["WWW-Authenticate"]
+    assert (await client.get(f"{BASE}/stream", headers=auth(token))).status == 401
+    peer = await connect(client)
+    answer = await peer.request("auth", token=token)
+    assert answer["op"] == "error" and answer["error"]["status_code"] == 401, answer
+    await peer.close()
+    # A day (the default ceiling) is still fine; a second more is not.
+    for lifetime, status in ((86_400, 200), (86_401, 401)):
+        token = jwt.encode(claims(clock, exp=now + lifetime), SECRET, algorithm="HS256")
+        assert await status_with(client, token) == status, lifetime
+
+
+async def test_with_a_ceiling_iat_is_required_and_may_not_be_in_the_future(client, clock):
+    now = int(clock.now())
+    no_iat = jwt.encode(claims(clock, iat=None), SECRET, algorithm="HS256")
+    assert await status_with(client, no_iat) == 401
+    # An iat moved ahead would stretch a token past the ceiling: not valid until then.
+    ahead = jwt.encode(claims(clock, iat=now + 3_600, exp=now + 7_200), SECRET, algorithm="HS256")
+    assert await status_with(client, ahead) == 401
+    within_leeway = jwt.encode(claims(clock, iat=now + 5), SECRET, algorithm="HS256")
+    assert await status_with(client, within_leeway) == 200
+    garbled = jwt.encode(claims(clock, iat="yesterday"), SECRET, algorithm="HS256")
+    assert await status_with(client, garbled) == 401
+
+
+async def test_no_ceiling_when_the_max_lifetime_is_zero(app_factory, settings, clock):
+    client = await app_factory(replace(settings, jwt_max_lifetime=0))
+    now = int(clock.now())
+    for extra in ({"exp": now + TEN_YEARS}, {"iat": None}):
+        assert await status_with(client, jwt.encode(claims(clock, **extra), SECRET,
+                                                    algorithm="HS256")) == 200, extra
 
 
 @pytest.mark.parametrize("bad", [

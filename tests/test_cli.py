@@ -9,6 +9,7 @@ import pty
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from http.client import HTTPConnection
 import jwt
 import pytest
 
+from gateway.auth import mint_token
 from gateway.config import Settings, parse_settings
 from gateway.origins import origin_allowed
 from tests.processes import ROOT, free_port, http, run_cli, serve
@@ -403,3 +405,59 @@ def test_demo_without_allowed_origins_outside_dev_mode_warns(args, warned):
         records = [json.loads(line) for line in _log_lines(read())]
     warnings = [record for record in records if record["level"] == "warning"]
     assert any("--allowed-origins is empty" in record["msg"] for record in warnings) is warned, records
+
+
+def _closed_after(port: int, trickle: bytes, limit: float) -> float | None:
+    """Seconds until the server closes a connection that sends ``trickle`` one byte every
+    0.25 s (then nothing); None if it is still open after ``limit``."""
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as sock:
+        sock.settimeout(0.25)
+        for index in range(int(limit / 0.25)):
+            if index < len(trickle):
+                try:
+                    sock.sendall(trickle[index:index + 1])
+                except OSError:
+                    return time.monotonic() - began
+            try:
+                if sock.recv(4096) == b"":
+                    return time.monotonic() - began
+            except TimeoutError:
+                continue
+            except OSError:
+                return time.monotonic() - began
+    return None
+
+
+def test_a_request_head_trickled_or_never_sent_is_cut_off_after_the_header_timeout() -> None:
+    """Slowloris: a client that sends its request head a byte at a time (or sends nothing,
+    or stops between keep-alive requests) is closed after --header-timeout; a stream that
+    is being answered is not (it is a request in progress)."""
+    secret = "h" * 40
+    with serve("--header-timeout", "2", "--keepalive", "1",
+               env={"GATEWAY_JWT_SECRET": secret, **NO_DELAY}) as (_, port):
+        head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100
+        trickled = _closed_after(port, head, limit=8)
+        assert trickled is not None and 1.5 <= trickled <= 4.5, trickled
+        silent = _closed_after(port, b"", limit=8)
+        assert silent is not None and 1.5 <= silent <= 4.5, silent
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            began = time.monotonic()  # the next request never comes
+            sock.settimeout(8)
+            while sock.recv(4096):
+                pass
+            assert 1.5 <= time.monotonic() - began <= 4.5
+        # A stream outlives the timeout: it is a request being answered (keep-alives flow).
+        token = mint_token(secret, sub="u1", org_id="org-1", workspaces=["ws-1"])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /v1/orgs/org-1/workspaces/ws-1/sync/stream HTTP/1.1\r\n"
+                         b"Host: 127.0.0.1\r\nAuthorization: Bearer " + token.encode() + b"\r\n\r\n")
+            received = b""
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                chunk = sock.recv(4096)
+                assert chunk, f"the stream was closed after {received!r}"
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 200") and received.count(b"\n:") >= 2, received

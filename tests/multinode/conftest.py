@@ -60,9 +60,10 @@ class Spawner:
         cluster.start()
         return cluster
 
-    def sentinel(self) -> SentinelServers:
-        """A primary, a replica and three sentinels that all know each other; ready."""
-        servers = SentinelServers(self.directory / f"redis-{len(self.servers)}")
+    def sentinel(self, **options: Any) -> SentinelServers:
+        """A primary, a replica and three sentinels that all know each other; ready
+        (``options``: ``SentinelServers``'s)."""
+        servers = SentinelServers(self.directory / f"redis-{len(self.servers)}", **options)
         self.servers.append(servers)
         servers.start()
         return servers

@@ -537,14 +537,23 @@ class ClusterNodeLine:
 
 class SentinelServers:
     """A private primary, one replica and three sentinels (quorum 2) on free loopback ports;
-    sentinels declare a primary down after 1 s, so a failover takes a few seconds."""
+    sentinels declare a primary down after 1 s, so a failover takes a few seconds.
+
+    ``sentinels=1`` is the operator's probe of issue 20: one sentinel (quorum 1), which
+    decides alone; ``down_after`` and ``failover_timeout`` (ms) are its settings.
+    ``initial_sync_delay`` (s, Redis's ``repl-diskless-sync-delay``): the sentinels start as
+    soon as the replica is connected, before its first sync (a deployment started at once)."""
 
     service = "mymaster"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, sentinels: int = 3, down_after: int = 1000,
+                 failover_timeout: int = 3000, initial_sync_delay: int = 0) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
-        picked = free_ports(5)
+        self.quorum = 1 if sentinels == 1 else 2
+        self.down_after, self.failover_timeout = down_after, failover_timeout
+        self.initial_sync_delay = initial_sync_delay
+        picked = free_ports(2 + sentinels)
         self.first_primary = picked[0]
         self.data_ports = picked[:2]
         self.sentinel_ports = picked[2:]
@@ -575,8 +584,9 @@ class SentinelServers:
                 directory.mkdir(parents=True, exist_ok=True)
                 args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
                         "--appendonly", "no", "--save", "",
-                        # the initial full sync starts at once (the default waits 5 s)
-                        "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
+                        # the initial full sync starts at once unless asked (the default waits 5 s)
+                        "--repl-diskless-sync", "yes",
+                        "--repl-diskless-sync-delay", str(self.initial_sync_delay)]
                 if port == replica:
                     args += ["--replicaof", "127.0.0.1", str(primary)]
                 self.procs[port] = _spawn_redis(args, directory / "redis.log")
@@ -585,8 +595,8 @@ class SentinelServers:
             # Before the sentinels start: a sentinel learns of replicas from the primary's INFO,
             # which it reads every 10 s once connected, so a replica that connected later
             # would be known only that much later.
-            _wait_until(lambda: self.replica_synced(primary), 20, "replica connected and in sync",
-                        self.logs)
+            connected = self._replica_connected if self.initial_sync_delay else self.replica_synced
+            _wait_until(lambda: connected(primary), 20, "replica connected (and in sync)", self.logs)
             for port in self.sentinel_ports:
                 directory = self._dir(port)
                 directory.mkdir(parents=True, exist_ok=True)
@@ -594,9 +604,9 @@ class SentinelServers:
                 conf.write_text(
                     f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
                     f"sentinel resolve-hostnames no\n"
-                    f"sentinel monitor {self.service} 127.0.0.1 {primary} 2\n"
-                    f"sentinel down-after-milliseconds {self.service} 1000\n"
-                    f"sentinel failover-timeout {self.service} 3000\n"
+                    f"sentinel monitor {self.service} 127.0.0.1 {primary} {self.quorum}\n"
+                    f"sentinel down-after-milliseconds {self.service} {self.down_after}\n"
+                    f"sentinel failover-timeout {self.service} {self.failover_timeout}\n"
                     f"sentinel parallel-syncs {self.service} 1\n"
                 )
                 self.procs[port] = subprocess.Popen(
@@ -604,7 +614,7 @@ class SentinelServers:
                      "--daemonize", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for port in self.sentinel_ports:
                 _wait_until(functools.partial(_ping, port), 10, f"sentinel {port} up", self.logs)
-            # Every sentinel must know the primary, the replica and both other sentinels
+            # Every sentinel must know the primary, the replica and the other sentinels
             # (hello messages every 2 s), or a quorum could not be reached on a failure.
             _wait_until(self._sentinels_ready, 20, "sentinels know primary, replica and peers", self.logs)
         except BaseException:
@@ -618,9 +628,14 @@ class SentinelServers:
                 return False
             fields = redis_cli(port, "sentinel", "master", self.service).splitlines()
             state = dict(zip(fields[::2], fields[1::2], strict=False))
-            if state.get("num-slaves") != "1" or state.get("num-other-sentinels") != "2":
+            others = str(len(self.sentinel_ports) - 1)
+            if state.get("num-slaves") != "1" or state.get("num-other-sentinels") != others:
                 return False
         return True
+
+    @staticmethod
+    def _replica_connected(primary: int) -> bool:
+        return "connected_slaves:1" in redis_cli(primary, "info", "replication")
 
     def sentinel_primary(self, sentinel_port: int) -> int | None:
         """The primary's port according to one sentinel."""
@@ -670,6 +685,40 @@ class SentinelServers:
         self.killed.append(port)
         self.replaced.append(port)
         return port
+
+    def restart_as_replica(self, port: int, timeout: float = 20.0) -> None:
+        """Start the data server killed on ``port`` again, empty (no persistence), as a
+        replica of the current primary, and wait until it has caught up and the sentinels
+        see it as a healthy replica (so it can be promoted in turn)."""
+        assert port in self.killed, "kill_primary() first"
+        primary = self.primary_port()
+        directory = self._dir(port)
+        self.procs[port] = _spawn_redis(
+            ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+             "--appendonly", "no", "--save", "", "--repl-diskless-sync", "yes",
+             "--repl-diskless-sync-delay", "0", "--replicaof", "127.0.0.1", str(primary)],
+            directory / "redis.log")
+        self.killed.remove(port)
+        _wait_until(lambda: self.replica_synced(primary) and self._healthy_replica(port), timeout,
+                    f"redis {port} back as a replica", self.logs)
+        # After a diskless full sync the primary streams writes to the replica only once the
+        # replica's first ACK came (up to a second): until then a kill loses them all.
+        probe = str(time.monotonic_ns())
+        redis_cli(primary, "set", "harness:streaming", probe)
+        _wait_until(lambda: redis_cli(port, "get", "harness:streaming") == probe, timeout,
+                    f"redis {port} receiving the primary's writes", self.logs)
+
+    def _healthy_replica(self, port: int) -> bool:
+        """Every sentinel knows ``port`` as a replica of the primary, up and linked."""
+        for sentinel in self.sentinel_ports:
+            replicas = json.loads(redis_cli(sentinel, "sentinel", "replicas", self.service,
+                                            json_output=True) or "[]")
+            states = [r if isinstance(r, dict) else dict(zip(r[::2], r[1::2], strict=False))
+                      for r in replicas]
+            if not any(int(state.get("port", 0)) == port and state.get("flags") == "slave"
+                       and state.get("master-link-status") == "ok" for state in states):
+                return False
+        return True
 
     def failover(self) -> int:
         """A graceful failover (``SENTINEL FAILOVER``): the sentinels promote the replica and

@@ -84,6 +84,14 @@ async def join_socket(session: aiohttp.ClientSession, node: Node, user: str) -> 
     return ws
 
 
+async def open_readers(session: aiohttp.ClientSession, a: Node, b: Node) -> list[Stream]:
+    """A reader's stream on each node (``reader-a``, ``reader-b``), each past its snapshot."""
+    readers = [await Stream(session, a, "reader-a").open(), await Stream(session, b, "reader-b").open()]
+    for reader in readers:
+        await reader.wait_for(lambda s: bool(s.of_type("sync.snapshot")), 5)
+    return readers
+
+
 async def keep_publishing(session: aiohttp.ClientSession, nodes: tuple[Node, Node],
                           accepted: list[str], stop: asyncio.Event) -> None:
     """Publish all the time, alternating nodes, whatever the answers (503s while Redis fails
@@ -122,9 +130,7 @@ async def test_nodes_follow_a_sentinel_failover_resume_exactly_once_or_reset_and
     so both readers must get a reset, and the lost leave must not leave a ghost."""
     servers = spawn.sentinel()
     a, b = await spawn.start(servers, "node-a", "node-b", node_timeout=NODE_TIMEOUT)
-    readers = [await Stream(session, a, "reader-a").open(), await Stream(session, b, "reader-b").open()]
-    for reader in readers:
-        await reader.wait_for(lambda s: bool(s.of_type("sync.snapshot")), 5)
+    readers = await open_readers(session, a, b)
 
     # u1: REST presence kept alive by its stream on a. u2: a socket on b (stays). u3: a socket
     # on a, closed while Redis has no primary. u4: a socket on b, closed after the failover.
