@@ -57,6 +57,7 @@ from typing import Any, Final
 
 import aiohttp
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -66,6 +67,7 @@ from tests.multinode.harness import (
     ORG,
     Endpoint,
     Node,
+    RedisClusterServers,
     RedisServer,
     auth,
     base,
@@ -87,17 +89,27 @@ SETTLE_SLACK: Final = 4.0  # heartbeat phase + a sweep + delivery, on a loaded 2
 CLOCK_PROBE_EARLY: Final = 1.5  # clock_skew: seconds a deadline or an id may be off, load included
 RETRYABLE: Final = frozenset({409, 425, 429, 500, 502, 503, 504})
 INFRA_KINDS: Final = ("node_kill", "node_pause", "node_drain", "redis_restart", "redis_wipe",
-                       "redis_full", "redis_crash", "partition", "slow_link", "clock_skew")
+                       "redis_full", "redis_crash", "partition", "slow_link", "cluster_failover",
+                       "clock_skew")
 CLIENT_KINDS: Final = ("client_vanish", "client_stall")
 INFRA_WEIGHTS: Final = {"node_kill": 3, "node_pause": 3, "node_drain": 3, "redis_restart": 2,
                         "redis_wipe": 1, "redis_full": 1, "redis_crash": 1, "partition": 2, "slow_link": 2,
-                        "clock_skew": 1}
+                        "cluster_failover": 3, "clock_skew": 1}
 # Faults of one node's link to Redis; with one of them enabled every node reaches Redis
 # through an ``Endpoint`` of its own. Their lengths: a blackhole from 0.5 s to twice the node
 # timeout (peers reap the node past it), 200-500 ms each way for 5-30 s.
 LINK_KINDS: Final = ("partition", "slow_link")
 SLOW_LINK_DELAY: Final = (0.2, 0.5)
 SLOW_LINK_LENGTH: Final = (5.0, 30.0)
+# --topology: which fault kinds fit which Redis. A cluster (3 primaries, 3 replicas, no
+# persistence) is not restarted, wiped, crashed or filled as one server is, and its nodes
+# reach every primary at the addresses the cluster announces (no proxy of one link); one
+# server has no failover.
+TOPOLOGY_KINDS: Final = {
+    "single": frozenset(INFRA_KINDS) - {"cluster_failover"},
+    "cluster": frozenset(INFRA_KINDS) - {"redis_restart", "redis_wipe", "redis_full", "redis_crash",
+                                          *LINK_KINDS},
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +132,7 @@ class Options:
     rss_cap_mb: float = 512.0
     rss_growth_mb: float = 96.0
     verbose: bool = False
+    topology: str = "single"  # "cluster": a Redis Cluster of 3 primaries with a replica each
 
 
 # -- event ids -------------------------------------------------------------------------------
@@ -267,6 +280,7 @@ class Recorder:
         self.journals: dict[str, Journal] = {}
         self.rss: list[RssSample] = []
         self.violations: list[Violation] = []
+        self.failover_losses: list[tuple[str, Loss]] = []  # (workspace, what a cluster failover lost)
         self.verbose = False
 
     def now(self) -> float:
@@ -303,6 +317,8 @@ class Recorder:
                                  and k.first_t <= crash.t and (last is None or k.pos.entry > last))
                 if lost:
                     losses[workspace].append(Loss(crash.t, epoch, lost))
+        for workspace, loss in self.failover_losses:
+            losses.setdefault(workspace, []).append(loss)
         return {workspace: sorted(found, key=lambda loss: loss.t) for workspace, found in losses.items()}
 
     def head(self, workspace: str) -> str | None:
@@ -714,8 +730,8 @@ def drop_connection(sock: Any) -> None:
 class World:
     """What clients and faults share: the processes, HTTP sessions, recorder and seed."""
 
-    def __init__(self, options: Options, spawner: Spawner, redis: RedisServer, nodes: list[Node],
-                 recorder: Recorder) -> None:
+    def __init__(self, options: Options, spawner: Spawner, redis: RedisServer | RedisClusterServers,
+                 nodes: list[Node], recorder: Recorder) -> None:
         self.options, self.spawner, self.redis, self.nodes = options, spawner, redis, nodes
         self.recorder = recorder
         self.links: dict[str, Endpoint] = {}  # node name -> its proxy to Redis (link faults)
@@ -732,6 +748,12 @@ class World:
 
     def rng(self, name: str) -> random.Random:
         return random.Random(f"{self.options.seed}:{name}")
+
+    @property
+    def server(self) -> RedisServer:
+        """The one Redis server (``--topology single``: the faults ``TOPOLOGY_KINDS`` gives it)."""
+        assert isinstance(self.redis, RedisServer)
+        return self.redis
 
     def now(self) -> float:
         return self.recorder.now()
@@ -1184,7 +1206,8 @@ class FaultPlan:
         self.options, self.node_names = options, list(node_names)
         self.infra = random.Random(f"{options.seed}:infra")
         self.clients = random.Random(f"{options.seed}:clients")
-        self.infra_kinds = [kind for kind in INFRA_KINDS if kind in options.faults]
+        self.infra_kinds = [kind for kind in INFRA_KINDS
+                            if kind in options.faults and kind in TOPOLOGY_KINDS[options.topology]]
         self.client_kinds = [kind for kind in CLIENT_KINDS if kind in options.faults]
         self.first_round = self.infra.sample(self.infra_kinds, len(self.infra_kinds))
 
@@ -1266,6 +1289,7 @@ class Faults:
             "redis_restart": self.redis_restart, "redis_wipe": self.redis_wipe,
             "redis_full": self.redis_full, "redis_crash": self.redis_crash,
             "partition": self.partition, "slow_link": self.slow_link,
+            "cluster_failover": self.cluster_failover,
             "clock_skew": self.clock_skew,
         }
         while (fault := self.plan.next_infra()) is not None:
@@ -1343,7 +1367,7 @@ class Faults:
         return f"SIGTERM (AOF kept), down {fault.length:.1f}s"
 
     async def redis_wipe(self, fault: PlannedFault) -> str:
-        redis = self.world.redis
+        redis = self.world.server
         await asyncio.to_thread(redis.kill)
         shutil.rmtree(redis.dir / "appendonlydir", ignore_errors=True)
         for leftover in [*redis.dir.glob("*.rdb"), *redis.dir.glob("*.aof")]:
@@ -1395,7 +1419,7 @@ class Faults:
         acknowledged writes are gone while the epochs survive. What each log still holds is
         read before any node reconnects (``Crash``): the checker counts what was lost, and
         owes a reset only to clients of a log that lost an event somebody had seen."""
-        redis = self.world.redis
+        redis = self.world.server
         unsynced = self.world.rng(f"redis_crash-{next(self.counter)}").uniform(0.1, 1.0)
         synced = redis.aof_tail()
         await asyncio.sleep(unsynced)
@@ -1412,12 +1436,39 @@ class Faults:
         commands = [command for workspace in self.world.workspaces
                     for stream, epoch_key in [log_keys(workspace)]
                     for command in (["get", epoch_key], ["xrevrange", stream, "+", "-", "count", "1"])]
-        answers = iter(self.world.redis.read_offline(*commands))
+        answers = iter(self.world.server.read_offline(*commands))
         kept: dict[str, tuple[str | None, tuple[int, int] | None]] = {}
         for workspace, epoch, last in zip(self.world.workspaces, answers, answers, strict=True):
             pos = Pos.parse(f"{epoch}:{last[0][0]}") if epoch and last else None
             kept[workspace] = (epoch or None, pos.entry if pos else None)
         return kept
+
+    async def cluster_failover(self, fault: PlannedFault) -> str:
+        """A random primary's slots move to its replica: every other time by SIGKILL (the
+        cluster fails it over after ``cluster-node-timeout``; it is restarted
+        ``fault.length`` later and rejoins as a replica), else by ``CLUSTER FAILOVER`` on
+        the replica (graceful, the old primary stays up as the replica)."""
+        cluster = self.world.redis
+        assert isinstance(cluster, RedisClusterServers)
+        rng = self.world.rng(f"cluster-{next(self.counter)}")
+        primary = rng.choice(sorted(set(cluster.slot_map().values())))
+        replica = cluster.replica_of(primary)
+        began = time.monotonic()
+        if sum(f.kind == "cluster_failover" for f in self.world.recorder.faults) % 2 == 0:
+            start = self.world.now()
+            await asyncio.to_thread(cluster.kill, primary)
+            await asyncio.to_thread(cluster.wait_replaced, primary, 30)
+            settled = time.monotonic() - began
+            lost = await failover_losses(self.world, start)
+            self.world.recorder.failover_losses += lost
+            await asyncio.sleep(fault.length)
+            await asyncio.to_thread(cluster.restart, primary)
+            await asyncio.to_thread(cluster.wait_settled, 30)
+            return (f"SIGKILL primary {primary}, replica {replica} serving in {settled:.1f}s, "
+                    f"restarted {fault.length:.1f}s later; lost {sum(len(loss.ids) for _, loss in lost)} events seen")
+        await asyncio.to_thread(cluster.failover, replica)
+        await asyncio.to_thread(cluster.wait_replaced, primary, 30)
+        return f"CLUSTER FAILOVER on replica {replica} of {primary} in {time.monotonic() - began:.1f}s"
 
     async def clock_skew(self, fault: PlannedFault) -> str:
         """Restart a node (SIGKILL) with its wall clock 5 to 30 s ahead of or behind everyone's
@@ -1795,10 +1846,38 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def checker_redis(world: World) -> Any:
+    """A client of the run's Redis for the checker's own reads (a cluster client on a cluster)."""
+    if isinstance(world.redis, RedisClusterServers):
+        return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", port) for port in world.redis.alive_ports()])
+    return Redis.from_url(world.redis.url)
+
+
+async def failover_losses(world: World, t: float) -> list[tuple[str, Loss]]:
+    """What a cluster failover at ``t`` lost (replication is asynchronous): per workspace and
+    epoch, the events somebody had seen (acknowledged or delivered) whose entries the logs,
+    read now from the new primaries, no longer hold. Owed to nobody; resets for them owed.
+    (What was seen is taken before the logs are read: an event appended meanwhile is in the
+    log but may not be seen yet, never the other way round.)"""
+    seen: set[tuple[str, str]] = {(p.workspace, p.acked_id) for p in world.recorder.publishes.values()
+                                  if p.acked_id}
+    seen |= {(entry.workspace, entry.id) for journal in world.recorder.journals.values()
+             for entry in journal.entries if entry.kind == "event" and not entry.type.startswith("sync.")}
+    logs, _ = await read_logs(world)
+    held = {workspace: {entry_id.partition(":")[2] for entry_id, _, _ in entries}
+            for workspace, entries in logs.items()}
+    lost: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for workspace, event_id in seen:
+        epoch, _, entry = event_id.partition(":")
+        if entry not in held.get(workspace, set()):
+            lost[(workspace, epoch)].add(event_id)
+    return [(workspace, Loss(t, epoch, frozenset(ids))) for (workspace, epoch), ids in sorted(lost.items())]
+
+
 async def log_position(world: World, workspace: str) -> tuple[str | None, Pos | None]:
     """The log's epoch and last entry, straight from Redis."""
     stream, epoch_key = log_keys(workspace)
-    redis = Redis.from_url(world.redis.url)
+    redis = checker_redis(world)
     try:
         epoch = await redis.get(epoch_key)
         last = await redis.xrevrange(stream, count=1)
@@ -1813,7 +1892,7 @@ async def read_logs(world: World) -> tuple[dict[str, list[tuple[str, str, str]]]
     """Every entry of every workspace log (``(id, type, subject)``) and each log's epoch."""
     logs: dict[str, list[tuple[str, str, str]]] = {}
     epochs: dict[str, str | None] = {}
-    redis = Redis.from_url(world.redis.url)
+    redis = checker_redis(world)
     try:
         for workspace in world.workspaces:
             stream, epoch_key = log_keys(workspace)
@@ -1891,8 +1970,10 @@ def render(report: Report, recorder: Recorder) -> str:
         f"{report.log_events} in the final logs; deliveries checked {report.tally.deliveries}, "
         f"(event, client) pairs verified {report.tally.verified}; sync.reset {report.tally.resets} "
         f"(justified by data loss {report.tally.justified_resets})",
-        f"host crashes of Redis: {kinds['redis_crash']}, taking {report.crash_lost} events somebody had seen "
-        f"({report.crash_lost_acked} acknowledged publishes: lost by appendfsync everysec's design)",
+        f"host crashes of Redis: {kinds['redis_crash']}, cluster primaries killed: "
+        f"{sum(f.kind == 'cluster_failover' and f.detail.startswith('SIGKILL') for f in recorder.faults)}; "
+        f"taking {report.crash_lost} events somebody had seen ({report.crash_lost_acked} acknowledged "
+        f"publishes: lost by appendfsync everysec's or asynchronous replication's design)",
         f"clients: {sum(j.role == 'regular' for j in recorder.journals.values())} regular, "
         f"{sum(j.role == 'transient' for j in recorder.journals.values())} far-back stallers, "
         f"{sum(j.role == 'vanish' for j in recorder.journals.values())} vanished; "
@@ -1938,10 +2019,14 @@ async def run(options: Options, directory: Path | None = None) -> tuple[Report, 
     passed = False
     proxies = contextlib.AsyncExitStack()
     try:
-        redis = await asyncio.to_thread(spawner.redis, persist=True, fsync="everysec")
+        if options.topology == "cluster":
+            redis: RedisServer | RedisClusterServers = await asyncio.to_thread(spawner.redis_cluster, replicas=1)
+        else:
+            redis = await asyncio.to_thread(spawner.redis, persist=True, fsync="everysec")
         names = [f"node-{chr(ord('a') + n)}" for n in range(options.nodes)]
+        link_faults = set(LINK_KINDS) & set(options.faults) & TOPOLOGY_KINDS[options.topology]
         links = {name: await proxies.enter_async_context(Endpoint(redis.port)) for name in names
-                 if set(LINK_KINDS) & set(options.faults)}
+                 if link_faults and isinstance(redis, RedisServer)}
         started = await asyncio.gather(*(spawner.start(
             links.get(name, redis), name, node_timeout=options.node_timeout,
             disconnect_grace=options.disconnect_grace, extra=node_flags(options)) for name in names))
@@ -1978,6 +2063,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--no-idempotency-key", dest="idempotency", action="store_false",
                         help="publishers send no key: retried publishes may duplicate (a self-test)")
     parser.add_argument("--verbose", action="store_true", help="print each fault as it ends")
+    parser.add_argument("--topology", choices=sorted(TOPOLOGY_KINDS), default=defaults.topology,
+                        help="single: one redis-server (AOF); cluster: 3 primaries + 3 replicas, where "
+                             "cluster_failover replaces the faults of one server (docs/chaos.md)")
     args = vars(parser.parse_args(argv))
     faults = tuple(kind for kind in args.pop("faults").split(",") if kind)
     unknown = set(faults) - set(INFRA_KINDS + CLIENT_KINDS)

@@ -35,8 +35,16 @@ from urllib.parse import quote, unquote
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterUnreachableError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.broker import (
@@ -71,8 +79,14 @@ log = logging.getLogger(__name__)
 
 # Errors that mean "Redis cannot serve us now" (not "the request is wrong"). Out of memory
 # (``maxmemory`` under ``noeviction``) refuses writes that would grow it: 503 until it frees.
+# A Redis Cluster that is failing over or resharding says so too: ``CLUSTERDOWN`` (every
+# shard, while a failed primary's slots are not served yet; ``MASTERDOWN`` is one),
+# ``TRYAGAIN`` (a script's keys split by a slot migration), a slot no known node serves, no
+# node reachable, or redirections that did not end (``ClusterError``, "TTL exhausted").
+# redis-py learns the new slot map on these errors itself; the caller retries (docs/redis.md).
 UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError,
-                      OSError)
+                      OSError, ClusterError, TryAgainError, SlotNotCoveredError,
+                      RedisClusterUnreachableError)
 # Those that say the link itself fails (not a full or demoted Redis that still answers).
 LINK_FAILURES: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 # The only ``maxmemory-policy`` under which Redis never deletes a key the gateway relies on.

@@ -92,6 +92,20 @@ def dead_peers(me: str, nodes: Sequence[str], alive: Sequence[bool]) -> list[str
                    if not is_alive and node != me})
 
 
+def may_judge_peers(*, beating: bool, now: float, recovered_at: float | None,
+                    node_timeout: float) -> bool:
+    """Whether a node may take a peer's missing alive key for its death: only while its own
+    heartbeat reaches Redis, and not until a whole ``node_timeout`` after it came back
+    (``recovered_at``; ``now`` on the same monotonic clock). What cut this node off — a Redis
+    restart, a cluster failover answering ``CLUSTERDOWN`` on every shard — stopped the
+    peers' beats as well, and their keys may have expired meanwhile: they get one timeout
+    to beat again. A peer really dead is reaped that much later; the peers of a node cut
+    off alone (a partition) still reap it within the timeout, their own beats never failed."""
+    if not beating:
+        return False
+    return recovered_at is None or now - recovered_at >= node_timeout
+
+
 def may_forget(*, force: bool, failed: bool, index_left: bool) -> bool:
     """Whether a reaper removes the node from the set of known nodes: only after a complete
     reaping of a dead node (not its own previous incarnation, which stays registered)."""

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from gateway.broker import BackendUnavailable
-from gateway.liveness import Heartbeat, claim_lifetime_ms, dead_peers, may_forget
+from gateway.liveness import Heartbeat, claim_lifetime_ms, dead_peers, may_forget, may_judge_peers
 from gateway.log_entries import text
 from gateway.presence import PresenceChange, node_reaped
 from gateway.tasks import Backoff, pause, raise_if_cancelled, stop
@@ -67,6 +67,8 @@ class NodeLiveness:
         self._reassert_task: asyncio.Task[None] | None = None
         self._reassert_wanted = False
         self._nodes_cursor = 0  # SSCAN cursor over the known nodes, carried across sweeps
+        self._beating = True  # the last beat reached Redis
+        self._recovered_at: float | None = None  # loop.time() of the first beat after failed ones
 
     def on_reassert(self, callback: Callable[[], Awaitable[None]],
                     before: Callable[[], None]) -> None:
@@ -114,9 +116,11 @@ class NodeLiveness:
                 # reconnects even on a node whose clients write nothing.
                 with self._guard():
                     answer = await self._beat()
+                self._beat_reached_redis(True)
                 step = heartbeat.answered(answer)
             except self._beat_errors:
                 raise_if_cancelled()
+                self._beat_reached_redis(False)
                 step = heartbeat.failed(unavailable=True)
             except Exception as exc:  # an unforeseen failure must not stop the heartbeat for good
                 raise_if_cancelled()
@@ -129,6 +133,11 @@ class NodeLiveness:
             if step.reassert:
                 self.request_reassert()
             await pause(max(0.0, step.sleep - (time.monotonic() - started)))
+
+    def _beat_reached_redis(self, reached: bool) -> None:
+        if reached and not self._beating:
+            self._recovered_at = asyncio.get_running_loop().time()
+        self._beating = reached
 
     # -- re-assertion ------------------------------------------------------------------
 
@@ -168,7 +177,8 @@ class NodeLiveness:
 
     async def reap_dead_nodes(self) -> int:
         """Reap the dead among the next ``SWEEP_BATCH`` or so known nodes: a cursor
-        (``SSCAN``) carried from sweep to sweep visits every node, however many are alive."""
+        (``SSCAN``) carried from sweep to sweep visits every node, however many are alive.
+        None while this node's own heartbeat fails or has just recovered (``may_judge_peers``)."""
         with self._guard():
             cursor, found = await self._redis.sscan(self._keys.nodes, self._nodes_cursor,
                                                     count=SWEEP_BATCH)
@@ -182,6 +192,9 @@ class NodeLiveness:
                 for node in nodes:
                     pipe.exists(self._keys.alive(node))
                 alive = [bool(found) for found in await pipe.execute()]
+        if not may_judge_peers(beating=self._beating, now=asyncio.get_running_loop().time(),
+                               recovered_at=self._recovered_at, node_timeout=self._node_timeout):
+            return 0
         changed = 0
         for node in dead_peers(self.node_id, nodes, alive):
             changed += await self.reap(node, force=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from gateway.liveness import (
@@ -12,6 +14,7 @@ from gateway.liveness import (
     claim_lifetime_ms,
     dead_peers,
     may_forget,
+    may_judge_peers,
 )
 
 
@@ -91,3 +94,12 @@ def test_a_link_is_current_only_while_answers_keep_coming_and_none_failed_since(
     assert not link.current(104.1)
     link.answered(104.5)  # any answer (a request's, the next beat's) makes it current again
     assert link.current(104.6)
+
+
+def test_peers_are_judged_only_while_beating_and_a_timeout_after_an_outage() -> None:
+    judge = functools.partial(may_judge_peers, node_timeout=3.0)
+    assert judge(beating=True, now=100.0, recovered_at=None)  # never cut off
+    assert not judge(beating=False, now=100.0, recovered_at=None)  # cut off now
+    # Back at 98: the peers' beats failed too, their keys may have expired; wait for them.
+    assert not judge(beating=True, now=100.0, recovered_at=98.0)
+    assert judge(beating=True, now=101.0, recovered_at=98.0)

@@ -52,9 +52,10 @@ class Spawner:
         server.start()
         return server
 
-    def redis_cluster(self) -> RedisClusterServers:
-        """Three primaries, slots split as ``redis-cli --cluster create`` does; ready (ok)."""
-        cluster = RedisClusterServers(self.directory / f"redis-{len(self.servers)}")
+    def redis_cluster(self, *, replicas: int = 0) -> RedisClusterServers:
+        """Three primaries (with ``replicas`` replicas each), slots split as ``redis-cli
+        --cluster create`` does; ready (ok, replicas caught up)."""
+        cluster = RedisClusterServers(self.directory / f"redis-{len(self.servers)}", replicas=replicas)
         self.servers.append(cluster)
         cluster.start()
         return cluster

@@ -281,47 +281,65 @@ def workspaces_on_every_shard(prefix: str = "gw", org: str = ORG, n_per_shard: i
 
 
 class RedisClusterServers:
-    """A private three-primary Redis Cluster (no replicas) on free loopback ports."""
+    """A private three-primary Redis Cluster on free loopback ports. Without replicas (the
+    default) as the topology tests use it; with ``replicas=1`` each primary gets a replica
+    and ``cluster-node-timeout`` is 1 s, so a primary SIGKILLed is replaced in ~2-3 s.
+    ``ports`` are the primaries as created (``all_ports`` adds the replicas); ``kill``,
+    ``restart``, ``failover`` and ``reshard`` are what an operator (or a crash) does to it,
+    ``wait_settled`` and ``wait_replaced`` wait for the cluster to agree on its new slot map."""
 
     size = 3
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, replicas: int = 0) -> None:
         self.dir = directory
+        self.replicas = replicas
+        count = self.size * (1 + replicas)
         # The cluster bus listens on its own port: by default port + 10000, which is out of
         # range for ephemeral ports above 55535, so each node gets a second free port for it.
-        picked = free_ports(2 * self.size)
-        self.ports, self.bus_ports = picked[:self.size], picked[self.size:]
+        picked = free_ports(2 * count)
+        self.all_ports = picked[:count]
+        self.ports = self.all_ports[:self.size]
+        self.bus_ports = dict(zip(self.all_ports, picked[count:], strict=True))
+        self.node_timeout_ms = 1000 if replicas else 2000
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.killed: set[int] = set()  # ports SIGKILLed and not restarted yet
         self.started_in: float | None = None  # seconds start() took
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.all_ports)
 
     def _dir(self, port: int) -> Path:
         return self.dir / f"cluster-{port}"
 
     def logs(self) -> str:
         return "\n".join(f"--- redis {port} ---\n{_tail(self._dir(port) / 'redis.log', 15)}"
-                         for port in self.ports)
+                         for port in self.all_ports)
+
+    def _spawn(self, port: int) -> None:
+        """Start (or restart: its ``nodes.conf`` makes it rejoin) the node on ``port``."""
+        directory = self._dir(port)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.procs[port] = _spawn_redis([
+            "--port", str(port), "--cluster-port", str(self.bus_ports[port]), "--bind", "127.0.0.1",
+            "--dir", str(directory),
+            "--cluster-enabled", "yes", "--cluster-config-file", str(directory / f"nodes-{port}.conf"),
+            "--cluster-node-timeout", str(self.node_timeout_ms), "--appendonly", "no", "--save", "",
+            # a replica's full sync starts at once (the default waits 5 s)
+            "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0",
+        ], directory / "redis.log")
 
     def start(self) -> None:
         began = time.monotonic()
-        for port, bus_port in zip(self.ports, self.bus_ports, strict=True):
-            directory = self._dir(port)
-            directory.mkdir(parents=True, exist_ok=True)
-            self.procs[port] = _spawn_redis([
-                "--port", str(port), "--cluster-port", str(bus_port), "--bind", "127.0.0.1",
-                "--dir", str(directory),
-                "--cluster-enabled", "yes", "--cluster-config-file", str(directory / f"nodes-{port}.conf"),
-                "--cluster-node-timeout", "2000", "--appendonly", "no", "--save", "",
-            ], directory / "redis.log")
+        for port in self.all_ports:
+            self._spawn(port)
         try:
-            for port in self.ports:
+            for port in self.all_ports:
                 _wait_until(functools.partial(_ping, port), 10, f"cluster node {port} up", self.logs)
+            # With one IP, redis-cli makes the first ``size`` nodes listed the primaries.
             create = subprocess.run(
-                ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
-                 "--cluster-replicas", "0", "--cluster-yes"],
+                ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.all_ports),
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                 capture_output=True, text=True, timeout=30,
             )
             if create.returncode != 0:
@@ -329,32 +347,34 @@ class RedisClusterServers:
             _wait_until(self._all_ok, 20, "cluster_state:ok on every node", self.logs)
             if self.shards() != list(THREE_SHARDS):
                 raise RuntimeError(f"unexpected slot layout: {self.shards()}")
+            if self.replicas:
+                self.wait_replicas_synced(20)
         except BaseException:
             self.stop()
             raise
         self.started_in = time.monotonic() - began
 
+    def alive_ports(self) -> list[int]:
+        return [port for port in self.all_ports if port not in self.killed]
+
     def _all_ok(self) -> bool:
-        for port in self.ports:
+        for port in self.alive_ports():
             info = redis_cli(port, "cluster", "info")
-            if "cluster_state:ok" not in info or "cluster_known_nodes:3" not in info:
+            if "cluster_state:ok" not in info or f"cluster_known_nodes:{len(self.all_ports)}" not in info:
                 return False
         return True
 
-    def slot_map(self) -> dict[tuple[int, int], int]:
-        """(first slot, last slot) -> port of the primary serving them (``CLUSTER NODES``)."""
-        owners: dict[tuple[int, int], int] = {}
-        for line in redis_cli(self.ports[0], "cluster", "nodes").splitlines():
-            fields = line.split()
-            if len(fields) < 8 or "master" not in fields[2].split(","):
-                continue
-            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
-            for part in fields[8:]:
-                if part.startswith("["):  # a slot being migrated
-                    continue
-                low, _, high = part.partition("-")
-                owners[(int(low), int(high or low))] = port
-        return owners
+    def cluster_nodes(self, port: int | None = None) -> list[ClusterNodeLine]:
+        """``CLUSTER NODES`` as one node (by default the first alive) sees the cluster."""
+        asked = self.alive_ports()[0] if port is None else port
+        return [ClusterNodeLine.parse(line) for line in redis_cli(asked, "cluster", "nodes").splitlines()
+                if len(line.split()) >= 8]
+
+    def slot_map(self, port: int | None = None) -> dict[tuple[int, int], int]:
+        """(first slot, last slot) -> port of the primary serving them (``CLUSTER NODES`` of
+        ``port``, by default the first alive node)."""
+        return {span: node.port for node in self.cluster_nodes(port) if node.primary
+                for span in node.slots}
 
     def shards(self) -> list[tuple[int, int]]:
         """The primaries' slot ranges in the order of ``ports`` (one range each after create)."""
@@ -363,11 +383,118 @@ class RedisClusterServers:
 
     def slot_owner_port(self, key: str) -> int:
         """Port of the primary that serves ``key``'s slot."""
-        slot = key_slot(key)
+        return self.slot_owner_port_of(key_slot(key))
+
+    def replica_of(self, primary: int) -> int:
+        """The port of the (alive) replica of the primary on ``primary``."""
+        nodes = self.cluster_nodes()
+        (owner,) = [node for node in nodes if node.port == primary]
+        for node in nodes:
+            if node.master_id == owner.node_id and node.port not in self.killed and not node.failed:
+                return node.port
+        raise RuntimeError(f"no replica of {primary}")
+
+    def wait_replicas_synced(self, timeout: float = 10.0) -> None:
+        """Until every primary's replica has acknowledged everything written to it so far
+        (``WAIT 1``: also under load, where ``INFO`` offsets are always a little behind)."""
+        _wait_until(lambda: all(redis_cli(port, "wait", "1", "1000") == "1"
+                                for port in set(self.slot_map().values())),
+                    timeout, "every primary's replica caught up", self.logs)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on ``port`` (no shutdown save, no goodbye)."""
+        proc = self.procs[port]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        self.killed.add(port)
+
+    def restart(self, port: int) -> None:
+        """Start a killed node again: it rejoins (as a replica, when it was replaced)."""
+        self._spawn(port)
+        _wait_until(functools.partial(_ping, port), 10, f"cluster node {port} up", self.logs)
+        self.killed.discard(port)
+
+    def failover(self, replica: int) -> None:
+        """``CLUSTER FAILOVER`` on ``replica``: it takes over its primary's slots once it has
+        caught up; the old primary, still up, becomes its replica."""
+        redis_cli(replica, "cluster", "failover")
+
+    def _settled(self) -> bool:
+        maps = []
+        for port in self.alive_ports():
+            if "cluster_state:ok" not in redis_cli(port, "cluster", "info"):
+                return False
+            maps.append(self.slot_map(port))
+        owners = set(maps[0].values())
+        return (all(other == maps[0] for other in maps) and sum(high - low + 1 for low, high in maps[0]) == SLOTS
+                and not owners & self.killed
+                and all(redis_cli(port, "role").splitlines()[0] == "master" for port in owners))
+
+    def wait_settled(self, timeout: float = 20.0) -> dict[tuple[int, int], int]:
+        """Until every alive node is ``cluster_state:ok`` and all agree on which live primary
+        serves each slot; that slot map."""
+        _wait_until(self._settled, timeout, "cluster slot map settled", self.logs)
+        return self.slot_map()
+
+    def wait_replaced(self, primary: int, timeout: float = 20.0) -> dict[tuple[int, int], int]:
+        """Until the slot map has settled with ``primary`` serving no slot (its replica took
+        them over: after ``kill`` or ``failover``); that slot map."""
+        _wait_until(lambda: self._settled() and primary not in self.slot_map().values(), timeout,
+                    f"the slots of {primary} served by another primary", self.logs)
+        return self.slot_map()
+
+    def node_id(self, port: int) -> str:
+        return redis_cli(port, "cluster", "myid")
+
+    def reshard(self, source: int, target: int, slots: int, *, pipeline: int = 10,
+                timeout: float = 60.0) -> str:
+        """Move the ``slots`` lowest slots of the primary on ``source`` to the one on
+        ``target``, keys included, as an operator does (``redis-cli --cluster reshard``,
+        ``pipeline`` keys per ``MIGRATE``: fewer make the migration last longer); its output."""
+        result = subprocess.run(
+            ["redis-cli", "--cluster", "reshard", f"127.0.0.1:{source}",
+             "--cluster-from", self.node_id(source), "--cluster-to", self.node_id(target),
+             "--cluster-slots", str(slots), "--cluster-pipeline", str(pipeline), "--cluster-yes"],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        if result.returncode != 0 or "[ERR]" in result.stdout:
+            raise RuntimeError(f"redis-cli --cluster reshard failed:\n{result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    def migrate_slot(self, slot: int, target: int, *, halfway: float, timeout: float = 30.0) -> int:
+        """Move ``slot`` to the primary on ``target`` step by step, as ``redis-cli --cluster
+        reshard`` does (``SETSLOT IMPORTING/MIGRATING``, ``MIGRATE``, ``SETSLOT NODE``), but
+        with half of its keys moved and the other half not for ``halfway`` seconds: commands
+        on keys of both halves are answered ``TRYAGAIN`` (or ``ASK``) meanwhile. The number
+        of keys moved."""
+        source = self.slot_owner_port_of(slot)
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        redis_cli(target, "cluster", "setslot", str(slot), "importing", source_id)
+        redis_cli(source, "cluster", "setslot", str(slot), "migrating", target_id)
+        keys = redis_cli(source, "cluster", "getkeysinslot", str(slot), "1000").split()
+        moved = self._migrate(source, target, keys[:len(keys) // 2])
+        time.sleep(halfway)
+        deadline = time.monotonic() + timeout
+        while keys := redis_cli(source, "cluster", "getkeysinslot", str(slot), "1000").split():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"slot {slot} still has keys on {source}")
+            moved += self._migrate(source, target, keys)
+        for port in set(self.slot_map().values()) | {target}:
+            redis_cli(port, "cluster", "setslot", str(slot), "node", target_id)
+        return moved
+
+    @staticmethod
+    def _migrate(source: int, target: int, keys: list[str]) -> int:
+        if keys:
+            redis_cli(source, "migrate", "127.0.0.1", str(target), "", "0", "5000", "keys", *keys)
+        return len(keys)
+
+    def slot_owner_port_of(self, slot: int) -> int:
+        """Port of the primary that serves ``slot``."""
         for (low, high), port in self.slot_map().items():
             if low <= slot <= high:
                 return port
-        raise RuntimeError(f"no node serves slot {slot} of {key!r}")
+        raise RuntimeError(f"no node serves slot {slot}")
 
     def workspaces_on_every_shard(self, prefix: str = "gw", org: str = ORG,
                                   n_per_shard: int = 1) -> list[str]:
@@ -376,6 +503,37 @@ class RedisClusterServers:
     def stop(self) -> None:
         for proc in self.procs.values():
             _stop_process(proc)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterNodeLine:
+    """One line of ``CLUSTER NODES``: who a node is, what it serves, whom it replicates."""
+
+    node_id: str
+    port: int
+    flags: tuple[str, ...]
+    master_id: str  # "-" for a primary
+    slots: tuple[tuple[int, int], ...]  # slot ranges served (slots being migrated left out)
+
+    @property
+    def primary(self) -> bool:
+        return "master" in self.flags and not self.failed
+
+    @property
+    def failed(self) -> bool:
+        return "fail" in self.flags
+
+    @classmethod
+    def parse(cls, line: str) -> ClusterNodeLine:
+        fields = line.split()
+        port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        spans = []
+        for part in fields[8:]:
+            if part.startswith("["):  # a slot being migrated
+                continue
+            low, _, high = part.partition("-")
+            spans.append((int(low), int(high or low)))
+        return cls(fields[0], port, tuple(fields[2].split(",")), fields[3], tuple(spans))
 
 
 class SentinelServers:
