@@ -1219,7 +1219,8 @@ class FaultPlan:
             kind = self.first_round.pop()
         else:
             kind = rng.choices(self.infra_kinds, [INFRA_WEIGHTS[k] for k in self.infra_kinds])[0]
-        target = rng.choice(self.node_names) if kind.startswith("node_") or kind in LINK_KINDS else "redis"
+        on_a_node = kind.startswith("node_") or kind in (*LINK_KINDS, "clock_skew")
+        target = rng.choice(self.node_names) if on_a_node else "redis"
         longest = 2 * self.options.node_timeout if kind == "node_pause" else 2.5
         shortest, longest = self.link_length(kind) or (0.3, longest)
         return PlannedFault(kind, target, rng.uniform(shortest, longest), rng.uniform(0.5, self.longest_gap(4.0)))
@@ -1477,7 +1478,7 @@ class Faults:
         holds on another whatever their clocks (``probe_clocks``). (The checker's tokens are
         fresh, so a node behind judges their ``iat`` ahead of it: accepted, docs/redis.md.)"""
         rng = self.world.rng(f"clock_skew-{next(self.counter)}")
-        node = self.node(rng.choice([node.name for node in self.world.nodes]))
+        node = self.node(fault.target)
         offset = rng.choice((-1.0, 1.0)) * rng.uniform(5.0, 30.0)
         detail = f"{node.name} {offset:+.1f}s" + await self.restart_with(node, skewed_clock(offset))
         began = self.world.now()
