@@ -240,9 +240,14 @@ class RedisBroker:
         # on Redis's clock (``start`` measures the offset), not on this node's. The system
         # clock is followed by its monotonic reading, which a step of the wall clock (NTP
         # at boot, a VM resumed) does not move; a test's clock is followed as it is moved.
+        # Until ``start`` aligns it (or when Redis refuses ``TIME``) it reads as this node's
+        # own clock: the wall clock, not the monotonic clock's arbitrary zero.
         local = clock or SystemClock()
-        self._clock = AlignedClock(SystemClock(time.monotonic) if isinstance(local, SystemClock)
-                                   else local)
+        if isinstance(local, SystemClock):
+            self._clock = AlignedClock(SystemClock(time.monotonic))
+            self._clock.offset = time.time() - time.monotonic()
+        else:
+            self._clock = AlignedClock(local)
         self._max_len = history_max_len
         self._max_age_ms = int(history_max_age * 1000)
         self._idempotency_ttl_ms = max(1, int(idempotency_ttl * 1000))
@@ -349,7 +354,6 @@ class RedisBroker:
         except ResponseError as exc:
             log.warning("cannot read Redis's clock (TIME); shared deadlines use this node's "
                         "clock, which must then agree with its peers'", extra={"problem": str(exc)[:200]})
-            self._clock.offset = time.time() - sent
             return
         self._clock.align(reference, sent, self._clock.local.now())
         if abs(wall_offset := reference - time.time()) > CLOCK_WARN_OFFSET:
