@@ -79,6 +79,7 @@ from bench.bench_scale import (  # the helpers of the other benchmarks, reused a
     raise_nofile,
     rss_kib,
     run_bounded,
+    scratch_redis,
     serve_pipe,
     tail,
 )
@@ -1304,23 +1305,17 @@ async def main(args: argparse.Namespace) -> int:
     loop, peer = "?", "?"
     bench: Bench | None = None
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-delivery-") as name:
-            tmp = Path(name)
-            redis = RedisProc(tmp / "redis")
-            redis.start()
-            try:
-                bench = Bench(args, workers, redis, tmp)
-                for rnd in range(1, args.rounds + 1):
-                    for mode in args.modes:  # alternating: no mode runs all its rounds in a row
-                        run = Run(mode, rnd)
-                        runs[mode].append(run)  # reported even if interrupted
-                        await bench.run(run)
-                        if mode == "floor":
-                            loop = run.loop
-                        elif mode == "socketio":
-                            peer = run.loop
-            finally:
-                redis.stop()
+        with scratch_redis("bench-delivery-") as (tmp, redis):
+            bench = Bench(args, workers, redis, tmp)
+            for rnd in range(1, args.rounds + 1):
+                for mode in args.modes:  # alternating: no mode runs all its rounds in a row
+                    run = Run(mode, rnd)
+                    runs[mode].append(run)  # reported even if interrupted
+                    await bench.run(run)
+                    if mode == "floor":
+                        loop = run.loop
+                    elif mode == "socketio":
+                        peer = run.loop
     finally:  # also on Ctrl-C and on --timeout: report what was measured
         workers.shutdown()
         print_report({mode: Column(r) for mode, r in runs.items() if r}, args, loop, peer,

@@ -77,7 +77,7 @@ from bench.bench_delivery import (  # the delivery benchmark's servers, receiver
     quiet,
     xadd_sender,
 )
-from bench.bench_scale import RedisProc, cpu_seconds, raise_nofile, run_bounded
+from bench.bench_scale import RedisProc, cpu_seconds, raise_nofile, run_bounded, scratch_redis
 
 FLOOR = "floor"
 
@@ -489,22 +489,16 @@ async def main(args: argparse.Namespace) -> int:
     workers = Workers(args.client_procs, want)
     measures: list[Measure] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-nodes-") as name:
-            tmp = Path(name)
-            redis = RedisProc(tmp / "redis")
-            redis.start()
-            try:
-                bench = Bench(args, workers, redis, tmp)
-                for rnd in range(1, args.rounds + 1):
-                    for k in args.nodes:
-                        for column, root in zip(args.columns, [None, *args.gateway_root], strict=True):
-                            if column == FLOOR and args.no_floor:
-                                continue
-                            measure = Measure(column, k, rnd)
-                            measures.append(measure)  # reported even if interrupted
-                            await bench.run(measure, root)
-            finally:
-                redis.stop()
+        with scratch_redis("bench-nodes-") as (tmp, redis):
+            bench = Bench(args, workers, redis, tmp)
+            for rnd in range(1, args.rounds + 1):
+                for k in args.nodes:
+                    for column, root in zip(args.columns, [None, *args.gateway_root], strict=True):
+                        if column == FLOOR and args.no_floor:
+                            continue
+                        measure = Measure(column, k, rnd)
+                        measures.append(measure)  # reported even if interrupted
+                        await bench.run(measure, root)
     finally:  # also on Ctrl-C and on --timeout: report what was measured
         workers.shutdown()
         print_report(measures, args, time.monotonic() - started)

@@ -43,7 +43,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -683,6 +683,20 @@ class RedisProc:
         self.proc = None
 
 
+@contextlib.contextmanager
+def scratch_redis(prefix: str) -> Iterator[tuple[Path, RedisProc]]:
+    """A temporary directory (``prefix``) and a private redis-server started in it; both
+    gone afterwards, also when the benchmark is interrupted."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as name:
+        tmp = Path(name)
+        redis = RedisProc(tmp / "redis")
+        redis.start()
+        try:
+            yield tmp, redis
+        finally:
+            redis.stop()
+
+
 class NodeProc:
     """``python -m gateway serve`` run from ``root`` (its ``gateway`` package is the one run)."""
 
@@ -1149,10 +1163,10 @@ def print_report(rows: list[Row], one_ws: Row | None, opens: list[OpenRow],
     details = [(row.label, row.errors, row.examples, row.log_samples)
                for row in [*rows, *([one_ws] if one_ws else [])]]
     details += [(o.label, o.errors, o.examples, o.log_samples) for o in opens]
-    if any(errors or samples for _, errors, _, samples in details):
+    if any(counts or samples for _, counts, _, samples in details):
         print("\nerrors (count, kind; first body of each kind):")
-        for label, errors, examples, samples in details:
-            for kind, count in errors.most_common():
+        for label, counts, examples, samples in details:
+            for kind, count in counts.most_common():
                 example = examples.get(kind) or examples.get(kind.removeprefix("open: "), "")
                 print(f"  {label}: {count} x {kind}" + (f"\n      {example}" if example else ""))
             for sample in samples:
